@@ -1,0 +1,161 @@
+"""`dpo-run <stage> [hydra overrides]`: the stage registry and the Hydra entry point.
+
+The first bare word of argv is the stage; it becomes the override `stage=<word>` appended after the user's
+overrides, so `-m` multirun, `--cfg job` and every other Hydra flag work as usual. Before Hydra starts, the
+overrides are composed once (each sweep value too) so that a bad override fails in one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from dpo_cli.config import Config, ConfigError, conf_dir, validate
+
+# name -> (module with `run(cfg, run_dir)`, one-line description). The help text is generated from this.
+STAGES: dict[str, tuple[str, str]] = {
+    "sft": (
+        "dpo_cli.stages.sft",
+        "supervised fine-tuning; its final/ is the reference for preference stages",
+    ),
+    "dpo": ("dpo_cli.stages.dpo", "preference optimisation: loss=dpo|ipo|cdpo|preferred_ft|unlikelihood|..."),
+    "prefs": ("dpo_cli.stages.prefs", "sample K completions per prompt, score them, write ranked records"),
+}
+# Hydra flags that take a value: that value is not the stage word.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
+_MAX_PREFLIGHT_JOBS = 64
+
+
+def _fail(message: str) -> None:
+    print(f"dpo-run: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def config_groups() -> dict[str, list[str]]:
+    root = conf_dir()
+    return {
+        group.name: sorted(p.stem for p in group.glob("*.yaml"))
+        for group in sorted(root.iterdir())
+        if group.is_dir() and group.name != "stage"
+    }
+
+
+def help_text() -> str:
+    lines = ["usage: dpo-run [-m] <stage> [key=value ...] [hydra flags]", "", "stages:"]
+    lines += [f"  {name:<8} {desc}" for name, (_, desc) in STAGES.items()]
+    lines += ["", "config groups (group=option):"]
+    lines += [f"  {group:<11} {', '.join(options)}" for group, options in config_groups().items()]
+    lines += [
+        "",
+        "examples:",
+        "  dpo-run sft",
+        "  dpo-run dpo beta=0.1",
+        "  dpo-run dpo loss=unlikelihood loss.alpha=0.5",
+        "  dpo-run -m dpo beta=0.05,0.1,1,5",
+        "  dpo-run dpo --cfg job          # print the composed config and exit",
+        "",
+        "Top-level keys: exp_name, run_name, seed, beta, lr, sft_checkpoint, output_root.",
+        "Hydra's own help: dpo-run <stage> --hydra-help",
+    ]
+    return "\n".join(lines)
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).replace("\t", " ").split()).split(" Config search path:")[0]
+    if err.__cause__ is not None:  # e.g. "Error merging override lr=abc" <- "Value 'abc' ... not a float"
+        text += ": " + str(err.__cause__).splitlines()[0]
+    unknown = re.match(r"Could not override '([\w.]+)'", text)
+    if unknown:
+        parent, _, key = unknown.group(1).rpartition(".")
+        node = (
+            OmegaConf.select(OmegaConf.structured(Config), parent) if parent else OmegaConf.structured(Config)
+        )
+        valid = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none (not a config section)"
+        text = f"unknown key {unknown.group(1)!r}; valid keys{' of ' + parent if parent else ''}: {valid}"
+    return text
+
+
+def _overrides(args: list[str]) -> list[str]:
+    """The key=value overrides among `args` (flags and their values left out)."""
+    overrides, skip_next = [], False
+    for arg in args:
+        if not skip_next and not arg.startswith("-"):
+            overrides.append(arg)
+        skip_next = arg in _FLAGS_WITH_VALUE
+    return overrides
+
+
+def preflight(overrides: list[str]) -> None:
+    """Compose every job's config (each combination of sweep values) and validate it; fail in one line."""
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra")])
+    except Exception as err:
+        _fail(_one_line(err))
+    per_key = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [o.input_line]
+        for o in parsed
+    ]
+    jobs = list(itertools.islice(itertools.product(*per_key), _MAX_PREFLIGHT_JOBS))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for job in jobs:
+            try:
+                validate(compose(config_name="config", overrides=list(job)))
+            except Exception as err:
+                _fail(_one_line(err))
+    GlobalHydra.instance().clear()
+
+
+def run_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """Validate `cfg` and run its stage in `run_dir` (the programmatic entry point, used by tests)."""
+    validate(cfg)
+    module = importlib.import_module(STAGES[cfg.stage][0])
+    module.run(cfg, Path(run_dir))
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_stage(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or "-h" in args or "--help" in args:
+        print(help_text())
+        return
+    stage_index = next(
+        (
+            i
+            for i, a in enumerate(args)
+            if not a.startswith("-") and "=" not in a and (i == 0 or args[i - 1] not in _FLAGS_WITH_VALUE)
+        ),
+        None,
+    )
+    if stage_index is None:
+        _fail(f"no stage given; choose one of {', '.join(STAGES)} (dpo-run --help)")
+    stage = args.pop(stage_index)
+    if stage not in STAGES:
+        _fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} (dpo-run --help)")
+    args.append(f"stage={stage}")
+    preflight(_overrides(args))
+    sys.argv = [sys.argv[0], *args]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

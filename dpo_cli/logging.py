@@ -1,0 +1,75 @@
+"""Where metrics go: the run dir's metrics.jsonl (always), wandb (logger=wandb) and the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def wandb_mode(requested: str) -> str:
+    """`auto` is online when an API key is configured, else offline with a note (runs sync later)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb():
+        return "online"
+    print("dpo-run: no wandb API key found; logging offline (`wandb sync <run dir>/wandb/offline-run-*`)")
+    return "offline"
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class RunLogger:
+    """Writes config.yaml once, then one JSON line per `log` call; mirrors both to wandb."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        self.wandb_run = None
+        if cfg.logger.name == "wandb":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                group=cfg.exp_name,
+                job_type=cfg.stage,
+                name=f"{cfg.exp_name}/{cfg.stage}/{cfg.run_name}",
+                config=resolved,
+                dir=str(self.run_dir),
+                mode=wandb_mode(cfg.logger.mode),
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _plain(value: Any) -> Any:
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    with (Path(run_dir) / "metrics.jsonl").open() as f:
+        return [json.loads(line) for line in f if line.strip()]

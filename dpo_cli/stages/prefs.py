@@ -1,0 +1,84 @@
+"""`dpo-run prefs`: sample K completions per prompt, score them, write ranked preference records.
+
+This is how the embedded sentiment data is made (paper App. C.1: the SFT model samples 4 completions per
+prefix and the reward orders them). Records: {"prompt", "responses", "rewards", "ranking", "split"}, ranking
+best first; `data.min_reward_gap` later decides which of the K*(K-1)/2 pairs become training pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from dpo_cli.config import ConfigError
+from dpo_cli.data import SHIPPED_OPENINGS
+from dpo_cli.models import load_model, resolve_device
+from dpo_cli.rewards import make_reward_fn
+from dpo_cli.sampling import sample_completions
+
+
+def run(cfg: DictConfig, run_dir: Path) -> None:
+    p = cfg.prefs
+    prompts_path = Path(p.prompts_path) if p.prompts_path else SHIPPED_OPENINGS
+    output_path = Path(p.output_path) if p.output_path else run_dir / "records.jsonl"
+    if output_path.exists():
+        raise ConfigError(f"prefs.output_path={output_path} exists; move it away or choose another path")
+    prompt_records = read_jsonl_prompts(prompts_path)[: p.max_prompts]
+
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=cfg.sft_checkpoint)
+    model.to(resolve_device(cfg.trainer.device))
+    reward_fn = make_reward_fn(cfg.reward)
+
+    prompts = [r["prompt"] for r in prompt_records]
+    samples = sample_completions(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=p.num_samples,
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        batch_size_prompts=p.batch_size_prompts,
+        seed=cfg.seed,
+    )
+    rewards = reward_fn(
+        [q for q, s in zip(prompts, samples, strict=True) for _ in s], [c for s in samples for c in s]
+    )
+
+    # Write next to the target and rename: an interrupted run never leaves a half-written records file.
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = output_path.with_suffix(".tmp")
+    with tmp_path.open("w") as f:
+        for i, (record, completions) in enumerate(zip(prompt_records, samples, strict=True)):
+            scores = [round(r, 4) for r in rewards[i * p.num_samples : (i + 1) * p.num_samples]]
+            ranking = sorted(range(len(completions)), key=lambda k: -scores[k])
+            row = {
+                "prompt": record["prompt"],
+                "responses": completions,
+                "rewards": scores,
+                "ranking": ranking,
+            }
+            f.write(json.dumps(row | {"split": record.get("split", "train")}) + "\n")
+    os.replace(tmp_path, output_path)
+
+    mean_reward = sum(rewards) / len(rewards)
+    print(f"wrote {len(prompts)} prompts x {p.num_samples} scored samples to {output_path}")
+    print(f"mean {cfg.reward.name} reward {mean_reward:+.3f}")
+    print(f"next: dpo-run sft data=jsonl data.path={output_path}")
+
+
+def read_jsonl_prompts(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(f"prefs.prompts_path={path} does not exist")
+    with path.open() as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("prompt"), str):
+            raise ConfigError(f"{path} line {i + 1}: field 'prompt' must be a string")
+    return rows

@@ -1,0 +1,52 @@
+"""`dpo-run sft`: supervised fine-tuning on the data's SFT view (the reference model of later stages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from dpo_cli import engine
+from dpo_cli.data import load_splits, sft_view
+from dpo_cli.data.batches import tokenize_examples
+from dpo_cli.logps import token_logps
+from dpo_cli.losses import sft_loss
+from dpo_cli.models import load_model
+
+
+def sft_loss_fn(model, batch: engine.Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    per_token, mask = token_logps(logits, batch["labels"])
+    num_tokens = mask.sum(-1)
+    return sft_loss(logits, batch["labels"]), {
+        "logps/completion": (per_token * mask).sum(-1).mean().item(),
+        "logps/per_token": ((per_token * mask).sum() / num_tokens.sum()).item(),
+        "length_tokens": num_tokens.float().mean().item(),
+    }
+
+
+def run(cfg: DictConfig, run_dir: Path) -> None:
+    device = engine.prepare_run(cfg, run_dir)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    model.to(device)
+
+    train_records, eval_records = load_splits(cfg.data)
+    train, held_out = (
+        tokenize_examples(
+            sft_view(records),
+            tokenizer,
+            max_prompt_length_tokens=cfg.data.max_prompt_length_tokens,
+            max_length_tokens=cfg.data.max_length_tokens,
+        )
+        for records in (train_records, eval_records)
+    )
+    held_out = held_out[: cfg.data.max_eval_examples]
+    print(f"sft: {len(train)} training and {len(held_out)} held-out sequences")
+    eval_batches = engine.make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
+
+    final = engine.train(cfg, run_dir, model, tokenizer, train, eval_batches, sft_loss_fn, device)
+    print(f"\nwrote {final} (HF format), {run_dir / 'metrics.jsonl'}, {run_dir / 'config.yaml'}")
+    overrides = "" if cfg.exp_name == "default" else f" exp_name={cfg.exp_name}"
+    overrides += "" if cfg.model.name == "smollm2_135m" else f" model={cfg.model.name}"
+    print(f"next: dpo-run dpo beta=0.1{overrides}   (this checkpoint is found automatically)")

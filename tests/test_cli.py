@@ -1,0 +1,86 @@
+"""The command line: help, stage words, and bad input failing in one line with exit code 2."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from dpo_cli.cli import STAGES, config_groups, main
+from dpo_cli.config import conf_dir, validate
+
+
+def test_help_lists_stages_and_groups(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"  {stage} " in out
+    for group, options in config_groups().items():
+        assert group in out and all(option in out for option in options)
+
+
+def test_every_stage_has_a_config_file():
+    assert {p.stem for p in (conf_dir() / "stage").glob("*.yaml")} == set(STAGES)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["dpo", "loss=foo"], ["loss/foo", "dpo", "ipo", "unlikelihood"]),
+        (["dpo", "beta=0"], ["beta=0.0", "> 0"]),
+        (["dpo", "beta=-1"], ["beta=-1.0", "> 0"]),
+        (["dpo", "loss=unlikelihood", "loss.alpha=1.5"], ["loss.alpha=1.5", "[0, 1]"]),
+        (["dpo", "trainer.max_stepz=3"], ["trainer.max_stepz", "max_steps"]),
+        (["dpo", "lr=fast"], ["lr=fast", "Float"]),
+        (["dpo", "model=gpt5"], ["model/gpt5", "smollm2_135m", "tiny"]),
+        (["train"], ["unknown stage", "sft", "dpo"]),
+        (["-m", "dpo", "beta=0.1,-5"], ["beta=-5.0"]),
+        (["sft", "loss=dpo"], ["stage sft trains with loss=sft"]),
+        (["dpo", "data=jsonl"], ["data.path"]),
+    ],
+)
+def test_bad_input_fails_in_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dpo-run: error:") and "\n" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def _all_group_options():
+    return [(group, option) for group, options in config_groups().items() for option in options]
+
+
+@pytest.mark.parametrize(("group", "option"), _all_group_options())
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_shipped_yaml_composes_and_validates(stage, group, option):
+    """Every file of every group composes with every stage (litgpt/lightning-hydra-template habit)."""
+    if group == "loss" and (stage == "sft") != (option == "sft"):
+        pytest.skip("loss=sft is the sft stage's loss and only its loss")
+    overrides = [f"{group}={option}", f"stage={stage}"]
+    if (group, option) == ("data", "jsonl"):
+        overrides.append("data.path=records.jsonl")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    GlobalHydra.instance().clear()
+    validate(cfg)
+    assert cfg.stage == stage
+    selected_by = {"trainer": "engine", "experiment": None}.get(group, "name")
+    if selected_by:
+        assert cfg[group][selected_by] == option
+
+
+def test_dpo_stage_rejects_the_sft_loss():
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["loss=sft", "stage=dpo"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(ValueError, match="loss=sft belongs to"):
+        validate(cfg)
+
+
+def test_beta_is_interpolated_into_the_loss():
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["beta=0.7", "loss=ipo", "stage=dpo"])
+    GlobalHydra.instance().clear()
+    assert cfg.loss.beta == 0.7 and cfg.loss.name == "ipo"
