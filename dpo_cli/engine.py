@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpo_cli.config import ConfigError
 from dpo_cli.data.batches import TokenizedExample, collate
 from dpo_cli.logging import RunLogger
+from dpo_cli.models import resolve_device
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[PreTrainedModel, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -48,9 +50,21 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> torch.device:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
-    from dpo_cli.models import resolve_device
-
     return resolve_device(cfg.trainer.device)
+
+
+def finish(run_dir: Path, next_command: str, why: str) -> None:
+    """Tell the user what the run wrote and what to run next (with the overrides that locate this run)."""
+    written = ", ".join(
+        sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if p.name[0] != ".")
+    )
+    print(f"\nwrote {run_dir}/: {written}")
+    carried = ""
+    if HydraConfig.initialized():
+        keep = ("exp_name", "model", "data", "output_root", "experiment")
+        overrides = HydraConfig.get().overrides.task
+        carried = "".join(f" {o}" for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in keep)
+    print(f"next: {next_command}{carried}   ({why})")
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

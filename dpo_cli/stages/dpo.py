@@ -138,6 +138,5 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         batch["ref_logps"] = reference_logps(ref_model, engine.to_device(batch, device)).cpu()
 
     loss_fn = make_loss_fn(cfg.loss, ref_model)
-    final = engine.train(cfg, run_dir, policy, tokenizer, train, eval_batches, loss_fn, device)
-    print(f"\nwrote {final} (HF format), {run_dir / 'metrics.jsonl'}, {run_dir / 'config.yaml'}")
-    print("next: sweep beta to trace the reward/KL frontier: dpo-run -m dpo beta=0.05,0.1,1,5")
+    engine.train(cfg, run_dir, policy, tokenizer, train, eval_batches, loss_fn, device)
+    engine.finish(run_dir, "dpo-run -m dpo beta=0.05,0.1,1,5", "a beta sweep traces the reward/KL frontier")

@@ -45,8 +45,5 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     print(f"sft: {len(train)} training and {len(held_out)} held-out sequences")
     eval_batches = engine.make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
 
-    final = engine.train(cfg, run_dir, model, tokenizer, train, eval_batches, sft_loss_fn, device)
-    print(f"\nwrote {final} (HF format), {run_dir / 'metrics.jsonl'}, {run_dir / 'config.yaml'}")
-    overrides = "" if cfg.exp_name == "default" else f" exp_name={cfg.exp_name}"
-    overrides += "" if cfg.model.name == "smollm2_135m" else f" model={cfg.model.name}"
-    print(f"next: dpo-run dpo beta=0.1{overrides}   (this checkpoint is found automatically)")
+    engine.train(cfg, run_dir, model, tokenizer, train, eval_batches, sft_loss_fn, device)
+    engine.finish(run_dir, "dpo-run dpo beta=0.1", "finds this SFT checkpoint by experiment and model")
