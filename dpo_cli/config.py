@@ -212,6 +212,11 @@ def validate(cfg: DictConfig) -> None:
         0 <= cfg.loss.label_smoothing < 0.5,
         f"loss.label_smoothing={cfg.loss.label_smoothing}: must be in [0, 0.5)",
     )
+    _check(
+        p,
+        cfg.loss.label_smoothing == 0 or cfg.loss.name == "cdpo",
+        f"loss.label_smoothing={cfg.loss.label_smoothing} only applies to loss=cdpo (conservative DPO)",
+    )
     _check(p, cfg.lr > 0, f"lr={cfg.lr}: must be > 0")
     t = cfg.trainer
     _check(
