@@ -106,6 +106,12 @@ def load_model(
             f"model {source!r} could not be loaded{hint}: {str(err).splitlines()[0]}; "
             "set model.name_or_path=/path/to/a/local/model/dir"
         ) from err
+    if kwargs.get("gguf_file"):
+        # transformers dequantises GGUF weights into plain tensors but keeps the GGUF "quantizer", which
+        # refuses save_pretrained; dropping it lets the SFT checkpoint be a normal safetensors model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
