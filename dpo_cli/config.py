@@ -89,6 +89,9 @@ class TrainerConfig:
     (plackett_luce) or (prompt, completion) sequences (sft). The paper uses 64 pairs."""
     microbatch_size_examples: int = 8
     """Examples per forward pass; gradient accumulation steps = batch_size_examples / this."""
+    batch_by_prompt: bool = True
+    """Keep each prompt's examples in the same batch so shared completions are scored once (paper App. B:
+    4 samples give 6 pairs but only 4 sequences); false shuffles examples independently."""
     max_steps: int | None = None
     """Optimizer steps to train for; None = `num_epochs` passes over the training data."""
     num_epochs: int = 1

@@ -12,14 +12,12 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -76,9 +74,23 @@ def make_batches(examples: list[TokenizedExample], batch_size: int, pad_token_id
     return [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
 
 
-def _endless(loader: DataLoader) -> Iterator[Batch]:
+def train_batches(
+    examples: list[TokenizedExample], microbatch_size: int, pad_token_id: int, *, seed: int, by_prompt: bool
+) -> Iterator[Batch]:
+    """Endless shuffled micro-batches, epoch after epoch; the last partial micro-batch of an epoch is dropped.
+
+    With `by_prompt`, prompts are shuffled and each prompt's examples stay adjacent, so the pairs of one
+    prompt share a batch and their common completions are scored once (the paper's App. B batching).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, example in enumerate(examples):
+        groups[example.prompt_ids if by_prompt else (i,)].append(i)
+    members = list(groups.values())
     while True:
-        yield from loader
+        order = [i for g in torch.randperm(len(members), generator=generator).tolist() for i in members[g]]
+        for start in range(0, len(order) - microbatch_size + 1, microbatch_size):
+            yield collate([examples[i] for i in order[start : start + microbatch_size]], pad_token_id)
 
 
 def _mean_metrics(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -126,20 +138,13 @@ def train(
     """Train `model` in place; returns the `final/` checkpoint dir."""
     t = cfg.trainer
     accumulation_steps = t.batch_size_examples // t.microbatch_size_examples
-    loader = DataLoader(
-        train_examples,
-        batch_size=t.microbatch_size_examples,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    if len(loader) < accumulation_steps:
+    steps_per_epoch = len(train_examples) // t.batch_size_examples
+    if steps_per_epoch < 1:
         raise ConfigError(
             f"{len(train_examples)} training examples cannot fill one batch of "
             f"trainer.batch_size_examples={t.batch_size_examples}"
         )
-    total_steps = t.max_steps or t.num_epochs * (len(loader) // accumulation_steps)
+    total_steps = t.max_steps or t.num_epochs * steps_per_epoch
 
     params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "adamw":
@@ -153,7 +158,13 @@ def train(
 
     logger = RunLogger(cfg, run_dir)
     logger.log(evaluate(model, eval_batches, loss_fn, device), step=0)
-    batches = _endless(loader)
+    batches = train_batches(
+        train_examples,
+        t.microbatch_size_examples,
+        tokenizer.pad_token_id,
+        seed=cfg.seed,
+        by_prompt=t.batch_by_prompt,
+    )
     progress = tqdm(range(1, total_steps + 1), desc=f"{cfg.stage} ({cfg.loss.name})", unit="step")
     for step in progress:
         model.train()
