@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli.config import Config, ConfigError, conf_dir, validate
+from dpo_cli.config import Config, ConfigError, RunStopped, conf_dir, validate
 
 # name -> (module with `run(cfg, run_dir)`, one-line description). The help text is generated from this.
 STAGES: dict[str, tuple[str, str]] = {
@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
         "supervised fine-tuning; its final/ is the reference for preference stages",
     ),
     "dpo": ("dpo_cli.stages.dpo", "preference optimisation: loss=dpo|ipo|cdpo|preferred_ft|unlikelihood|..."),
+    "eval": ("dpo_cli.stages.eval", "one (KL, reward) frontier point for checkpoint=PATH, plus Best-of-N"),
     "prefs": ("dpo_cli.stages.prefs", "sample K completions per prompt, score them, write ranked records"),
 }
 # Hydra flags that take a value: that value is not the stage word.
@@ -129,8 +130,15 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         run_stage(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
+    except ConfigError as err:  # the user's input: one line, exit 2 (debug=true shows the traceback)
+        if cfg.debug:
+            raise
         _fail(str(err))
+    except RunStopped as err:  # the run stopped itself and said what it kept: one line, exit 1
+        if cfg.debug:
+            raise
+        print(f"dpo-run: stopped: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,13 +14,17 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-STAGES = ("sft", "dpo", "prefs")
+STAGES = ("sft", "dpo", "prefs", "eval")
 LOSSES = ("sft", "dpo", "ipo", "cdpo", "preferred_ft", "unlikelihood", "plackett_luce")
 PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo")
 
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the CLI prints it on one line and exits with code 2."""
+
+
+class RunStopped(RuntimeError):
+    """Training stopped on purpose (non-finite loss, Ctrl-C); the message says why and what was kept."""
 
 
 @dataclass
@@ -101,7 +105,13 @@ class TrainerConfig:
     eval_every_steps: int = 100
     """Held-out metrics every this many optimizer steps (and at step 0 and at the end)."""
     save_every_steps: int | None = None
-    """Intermediate HF checkpoints every this many steps (None: only `final/`)."""
+    """Resumable checkpoints (model, optimizer, scheduler, RNG, data position) every this many steps
+    under checkpoints/step-N (None: only `final/`)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints/step-N to keep on disk."""
+    nan_policy: str = "stop"
+    """A NaN/Inf loss or gradient: stop (name the step, the batch's prompts and the last good checkpoint)
+    | skip_batch (drop that batch's update, count it, go on)."""
     device: str = "auto"
     """auto (cuda when present, else cpu) | cpu | cuda."""
     num_threads: int | None = None
@@ -125,7 +135,37 @@ class LoggerConfig:
 @dataclass
 class RewardConfig:
     name: str = "vader"
-    """vader: VADER compound sentiment score in [-1, 1] (offline, `vaderSentiment`)."""
+    """vader: VADER compound sentiment in [-1, 1] (offline) | hf_classifier: a label's probability."""
+    model_name_or_path: str = ""
+    """hf_classifier: hub id or local dir of a sequence-classification model."""
+    label: str = "POSITIVE"
+    """hf_classifier: the label whose probability is the reward."""
+    batch_size: int = 32
+    """hf_classifier: texts per forward pass."""
+    max_length_tokens: int = 512
+    """hf_classifier: texts are truncated to this many tokens."""
+
+
+@dataclass
+class EvalConfig:
+    """Frontier evaluation at every eval point: sample, score with the true reward, estimate KL."""
+
+    num_prompts: int = 48
+    """Held-out prompts sampled at every eval point (0 turns sampling evaluation off)."""
+    samples_per_prompt: int = 4
+    """Completions per prompt; several per prompt make the paired reward change resolve."""
+    temperature: float = 1.0
+    """Sampling temperature. The KL estimate assumes samples from the policy itself, i.e. 1.0."""
+    max_new_tokens: int = 24
+    """Tokens sampled per completion."""
+    seed: int = 1234
+    """Sampling seed, the same at every eval of every run, so points are paired across steps and runs."""
+    batch_size_prompts: int = 16
+    """Prompts per generate() call."""
+    num_table_samples: int = 8
+    """(prompt, completion, reward) rows logged to wandb per eval point; all go to samples.jsonl."""
+    best_of_n: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """`dpo-run eval`: Best-of-N baselines, N samples per prompt, the best by reward kept."""
 
 
 @dataclass
@@ -168,6 +208,12 @@ class Config:
     """Peak learning rate after warm-up."""
     overwrite: bool = False
     """Replace the metrics and checkpoints of an earlier run in the same run dir (otherwise: refuse)."""
+    resume: bool = False
+    """Continue the run in this run dir from its newest complete checkpoint (same wandb run)."""
+    debug: bool = False
+    """Show full Python tracebacks for user errors instead of the one-line message."""
+    checkpoint: str | None = None
+    """`dpo-run eval`: the checkpoint to evaluate (default: the experiment's SFT model)."""
     sft_checkpoint: str | None = None
     """Policy init and reference model for preference stages; None = newest SFT `final/` of this
     experiment and model."""
@@ -178,6 +224,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
@@ -235,6 +282,17 @@ def validate(cfg: DictConfig) -> None:
         f"trainer.batch_size_examples={t.batch_size_examples}: must be a positive multiple of "
         f"trainer.microbatch_size_examples={t.microbatch_size_examples}",
     )
+    _check(
+        p,
+        t.nan_policy in ("stop", "skip_batch"),
+        f"trainer.nan_policy={t.nan_policy}: choose stop or skip_batch",
+    )
+    _check(p, t.keep_checkpoints >= 1, f"trainer.keep_checkpoints={t.keep_checkpoints}: must be >= 1")
+    _check(
+        p,
+        not (cfg.resume and cfg.overwrite),
+        "resume=true and overwrite=true contradict each other; pick one",
+    )
     _check(p, t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: must be >= 1")
     _check(p, t.eval_every_steps >= 1, f"trainer.eval_every_steps={t.eval_every_steps}: must be >= 1")
     d = cfg.data
@@ -254,7 +312,20 @@ def validate(cfg: DictConfig) -> None:
         cfg.logger.mode in ("auto", "online", "offline", "disabled"),
         f"logger.mode={cfg.logger.mode}: choose auto, online, offline or disabled",
     )
-    _check(p, cfg.reward.name == "vader", f"reward.name={cfg.reward.name}: only `vader` is available")
+    _check(
+        p,
+        cfg.reward.name in ("vader", "hf_classifier"),
+        f"reward.name={cfg.reward.name}: choose vader or hf_classifier",
+    )
+    _check(
+        p,
+        cfg.reward.name != "hf_classifier" or bool(cfg.reward.model_name_or_path),
+        "reward=hf_classifier needs reward.model_name_or_path=HUB_ID_OR_DIR",
+    )
+    _check(p, cfg.eval.num_prompts >= 0, f"eval.num_prompts={cfg.eval.num_prompts}: must be >= 0")
+    _check(p, cfg.eval.samples_per_prompt >= 1, "eval.samples_per_prompt: must be >= 1")
+    _check(p, cfg.eval.temperature > 0, f"eval.temperature={cfg.eval.temperature}: must be > 0")
+    _check(p, all(n >= 1 for n in cfg.eval.best_of_n), f"eval.best_of_n={cfg.eval.best_of_n}: each N >= 1")
     _check(p, cfg.prefs.num_samples >= 2, f"prefs.num_samples={cfg.prefs.num_samples}: must be >= 2")
     _check(p, cfg.prefs.temperature > 0, f"prefs.temperature={cfg.prefs.temperature}: must be > 0")
     if cfg.stage == "sft":

@@ -43,12 +43,12 @@ METHOD_STYLE: dict[str, tuple[str, str]] = {
     "sft": ("Greys", "*"),
     "dpo": ("Blues", "o"),
     "ipo": ("Purples", "s"),
-    "cdpo": ("Greens", "D"),
+    "cdpo": ("Reds", "D"),
     "plackett_luce": ("PuRd", "^"),
     "unlikelihood": ("Oranges", "v"),
-    "preferred_ft": ("Reds", "P"),
-    "eval": ("YlGn", "X"),
-    "best-of-N": ("copper_r", "h"),
+    "preferred_ft": ("Greens", "P"),
+    "eval": ("YlOrBr", "X"),
+    "best-of-N": ("Greys", "h"),
 }
 _OTHER_STYLE = ("viridis", "o")
 
@@ -109,8 +109,9 @@ def _points_of_line(line: dict[str, Any], label: str) -> list[dict[str, Any]]:
 def gather_points(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     """One row per eval point of every run found below `run_dirs` (run dirs, sweep dirs or any parents).
 
-    A run is a `metrics.jsonl` with a sibling `config.yaml`. Rows of a run are in step order; `is_final`
-    marks the last point of each label of the run (its final eval; every Best-of-N N is its own label).
+    A run is a `metrics.jsonl` with a sibling `config.yaml`; SFT runs are left out (another reference).
+    Rows of a run are in step order; `is_final` marks the last point of each label of the run (its final
+    eval; every Best-of-N N is its own label).
     """
     files = sorted({f.resolve() for d in run_dirs for f in Path(d).rglob("metrics.jsonl")})
     rows: list[dict[str, Any]] = []
@@ -118,7 +119,10 @@ def gather_points(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
         config_file = metrics_file.parent / "config.yaml"
         if not config_file.is_file():  # not a run dir (no way to label it)
             continue
-        label = run_label(OmegaConf.load(config_file))
+        config = OmegaConf.load(config_file)
+        if config.get("stage") == "sft":  # its KL is to the pre-SFT model, not the SFT reference of the rest
+            continue
+        label = run_label(config)
         with metrics_file.open() as f:
             lines = [json.loads(line) for line in f if line.strip()]
         run_rows = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,17 @@ class RunLogger:
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.wandb_run = None
+        self.num_table_samples = cfg.eval.num_table_samples
         if cfg.logger.name == "wandb":
             import wandb
 
+            # One wandb run per run dir: a resumed run continues the same wandb run.
+            id_file = self.run_dir / "wandb_run_id"
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:12])
             self.wandb_run = wandb.init(
+                id=id_file.read_text().strip(),
+                resume="allow",
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 group=cfg.exp_name,
@@ -58,6 +66,16 @@ class RunLogger:
         self.metrics_file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """A few (prompt, completion, reward) rows as a wandb Table (all rows are in samples.jsonl)."""
+        if self.wandb_run is None or not rows:
+            return
+        import wandb
+
+        shown = rows[: self.num_table_samples]
+        table = wandb.Table(columns=list(shown[0]), data=[list(r.values()) for r in shown])
+        self.wandb_run.log({"eval/samples": table}, step=step)
 
     def close(self) -> None:
         self.metrics_file.close()

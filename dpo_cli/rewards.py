@@ -1,8 +1,13 @@
-"""Reward functions: (prompts, completions) -> one float per completion, higher is better."""
+"""Reward functions: (prompts, completions) -> one float per completion, higher is better.
+
+Both score the whole text (prompt + completion), as the paper's sentiment classifier scores whole reviews.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import torch
 
 from dpo_cli.config import ConfigError, RewardConfig
 
@@ -10,8 +15,7 @@ RewardFn = Callable[[list[str], list[str]], list[float]]
 
 
 def vader_reward() -> RewardFn:
-    """VADER compound sentiment in [-1, 1] of the whole review (prompt + completion), as the paper's
-    classifier scores whole reviews; offline and deterministic."""
+    """VADER compound sentiment in [-1, 1]; offline and deterministic."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     analyzer = SentimentIntensityAnalyzer()
@@ -24,7 +28,45 @@ def vader_reward() -> RewardFn:
     return score
 
 
-def make_reward_fn(cfg: RewardConfig) -> RewardFn:
+def hf_classifier_reward(cfg: RewardConfig, device: torch.device) -> RewardFn:
+    """Probability in [0, 1] of `cfg.label` under a Hugging Face sequence classifier (the paper's ground
+    truth: siebert/sentiment-roberta-large-english, label POSITIVE), batched on `device`."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.model_name_or_path).to(device).eval()
+    except OSError as err:
+        raise ConfigError(
+            f"reward.model_name_or_path={cfg.model_name_or_path}: cannot load a classifier "
+            f"({str(err).splitlines()[0]}); offline, point it at a local directory"
+        ) from err
+    labels = model.config.label2id
+    if cfg.label not in labels:
+        raise ConfigError(f"reward.label={cfg.label}: the classifier's labels are {', '.join(labels)}")
+    label_id = labels[cfg.label]
+
+    @torch.no_grad()
+    def score(prompts: list[str], completions: list[str]) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        scores: list[float] = []
+        for start in range(0, len(texts), cfg.batch_size):
+            enc = tokenizer(
+                texts[start : start + cfg.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=cfg.max_length_tokens,
+            ).to(device)
+            scores += model(**enc).logits.float().softmax(-1)[:, label_id].tolist()
+        return scores
+
+    return score
+
+
+def make_reward_fn(cfg: RewardConfig, device: torch.device | None = None) -> RewardFn:
     if cfg.name == "vader":
         return vader_reward()
-    raise ConfigError(f"reward.name={cfg.name}: only `vader` is available")
+    if cfg.name == "hf_classifier":
+        return hf_classifier_reward(cfg, device or torch.device("cpu"))
+    raise ConfigError(f"reward.name={cfg.name}: choose vader or hf_classifier")

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+@dataclass
+class Samples:
+    """`num_samples` rows per prompt, prompt-major. Token ids are the exact sampled ones (no re-tokenizing),
+    so log-probs of the samples under any model score the very sequences that were drawn."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completions: list[str]
+
+
 @torch.no_grad()
-def sample_completions(
+def sample(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
@@ -20,20 +33,20 @@ def sample_completions(
     batch_size_prompts: int = 32,
     seed: int = 0,
     desc: str = "sampling",
-) -> list[list[str]]:
-    """`num_samples` completions (text after the prompt, special tokens dropped) for every prompt."""
+) -> Samples:
     model.eval()
     device = next(model.parameters()).device
     # Left padding puts every prompt's last token at the same position, so new tokens follow directly.
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    generator_state = torch.random.get_rng_state()
+    rng_state = torch.random.get_rng_state()
+    # One fixed seed per call: the same prompts get the same random stream at every eval of every run.
     torch.manual_seed(seed)
-    completions: list[list[str]] = []
+    out = Samples([], [], [], [])
     try:
-        for start in tqdm(range(0, len(prompts), batch_size_prompts), desc=desc, unit="batch"):
+        for start in tqdm(range(0, len(prompts), batch_size_prompts), desc=desc, unit="batch", leave=False):
             batch = prompts[start : start + batch_size_prompts]
             enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-            out = model.generate(
+            generated = model.generate(
                 **enc,
                 do_sample=True,
                 temperature=temperature,
@@ -44,9 +57,28 @@ def sample_completions(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            completions.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
+            new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
+            for row, tokens in enumerate(new_tokens):
+                prompt_row = row // num_samples
+                prompt_ids = enc["input_ids"][prompt_row][enc["attention_mask"][prompt_row].bool()].tolist()
+                # Everything after the first EOS is padding; the EOS itself was sampled and counts.
+                if tokenizer.eos_token_id in tokens:
+                    tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+                out.prompts.append(batch[prompt_row])
+                out.prompt_ids.append(prompt_ids)
+                out.completion_ids.append(tokens)
+            out.completions += tokenizer.batch_decode(
+                out.completion_ids[-len(new_tokens) :], skip_special_tokens=True
+            )
     finally:
         tokenizer.padding_side = padding_side
-        torch.random.set_rng_state(generator_state)
-    return completions
+        torch.random.set_rng_state(rng_state)
+    return out
+
+
+def sample_completions(
+    model, tokenizer, prompts: list[str], *, num_samples: int, **kwargs
+) -> list[list[str]]:
+    """`num_samples` completion texts per prompt (special tokens dropped)."""
+    texts = sample(model, tokenizer, prompts, num_samples=num_samples, **kwargs).completions
+    return [texts[i : i + num_samples] for i in range(0, len(texts), num_samples)]

@@ -35,6 +35,8 @@ def test_every_stage_has_a_config_file():
         (["-m", "dpo", "beta=0.1,-5"], ["beta=-5.0"]),
         (["sft", "loss=dpo"], ["stage sft trains with loss=sft"]),
         (["dpo", "data=jsonl"], ["data.path"]),
+        (["eval", "reward=hf_classifier"], ["reward.model_name_or_path"]),
+        (["dpo", "loss.label_smoothing=0.2"], ["only applies to loss=cdpo"]),
     ],
 )
 def test_bad_input_fails_in_one_line(argv, words, capsys):
@@ -60,13 +62,15 @@ def test_every_shipped_yaml_composes_and_validates(stage, group, option):
     overrides = [f"{group}={option}", f"stage={stage}"]
     if (group, option) == ("data", "jsonl"):
         overrides.append("data.path=records.jsonl")
+    if (group, option) == ("reward", "hf_classifier"):
+        overrides.append("reward.model_name_or_path=path/to/classifier")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     GlobalHydra.instance().clear()
     validate(cfg)
     assert cfg.stage == stage
-    selected_by = {"trainer": "engine", "experiment": None}.get(group, "name")
+    selected_by = {"trainer": "engine", "experiment": None, "reward": None}.get(group, "name")
     if selected_by:
         assert cfg[group][selected_by] == option
 

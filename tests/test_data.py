@@ -48,7 +48,7 @@ def test_views_of_each_record_kind():
 @pytest.mark.parametrize(
     ("row", "words"),
     [
-        ({"prompt": "x", "chosen": 3, "rejected": "n"}, ["record 1", "'chosen'", "string"]),
+        ({"prompt": "x", "chosen": 3, "rejected": "n"}, ["line 1", "'chosen'", "string"]),
         ({"prompt": "x", "responses": ["a", "b"], "ranking": [0, 0]}, ["permutation", "[0, 0]"]),
         ({"prompt": "x", "text": "y"}, ["expected fields", "text"]),
     ],

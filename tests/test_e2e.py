@@ -1,5 +1,7 @@
 """`dpo-run sft` then `dpo-run dpo` end to end on the random tiny model, asserting on what they write."""
 
+import csv
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +14,13 @@ from dpo_cli.cli import main
 from dpo_cli.logging import read_metrics
 
 pytestmark = pytest.mark.slow
-TINY = ["model=tiny", "logger=none", "trainer.eval_every_steps=2", "data.max_eval_examples=16"]
+TINY = [
+    "model=tiny",
+    "logger=none",
+    "trainer.eval_every_steps=2",
+    "data.max_eval_examples=16",
+    "eval.num_prompts=4",
+]
 
 
 def run(*argv: str) -> None:
@@ -97,6 +105,44 @@ def test_multirun_sweep_gives_one_run_dir_per_beta(sft_run):
     runs = sorted(p.parent for p in sweep.rglob("metrics.jsonl"))
     assert len(runs) == 2
     assert sorted(OmegaConf.load(r / "config.yaml").loss.beta for r in runs) == [0.05, 5.0]
+
+
+def test_sweep_ends_with_a_frontier_and_wandb_has_the_points(sft_run):
+    run(
+        "-m",
+        "dpo",
+        *TINY,
+        "logger=wandb",
+        f"output_root={sft_run}",
+        "exp_name=default",
+        "beta=0.1,1",
+        "trainer.max_steps=2",
+        "run_name=frontier_${beta}",
+    )
+    [sweep] = [p for p in (sft_run / "default" / "dpo").glob("multirun-*") if (p / "frontier_0.1").is_dir()]
+    rows = list(csv.DictReader((sweep / "frontier.csv").open()))
+    # Two runs x eval points at steps 0 and 2.
+    assert sorted((r["label"], int(r["step"])) for r in rows) == [
+        ("dpo beta=0.1", 0),
+        ("dpo beta=0.1", 2),
+        ("dpo beta=1", 0),
+        ("dpo beta=1", 2),
+    ]
+    assert all(float(r["kl"]) == 0.0 for r in rows if r["step"] == "0")  # step 0: the policy is the reference
+    assert (sweep / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    for job in ("frontier_0.1", "frontier_1.0"):
+        [wandb_log] = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
+        assert b"eval/kl" in wandb_log.read_bytes() and b"eval/reward" in wandb_log.read_bytes()
+        samples = [json.loads(line) for line in (sweep / job / "samples.jsonl").open()]
+        assert {s["step"] for s in samples} == {0, 2} and len(samples) == 2 * 4 * 4
+
+
+def test_eval_stage_writes_a_point_and_best_of_n(sft_run):
+    run("eval", *TINY, f"output_root={sft_run}", "eval.best_of_n=[1,4]", "run_name=sft_point")
+    metrics = read_metrics(sft_run / "default" / "eval" / "sft_point")
+    assert metrics[0]["eval/kl"] == 0.0  # the SFT model against itself
+    assert [m["eval/bon_n"] for m in metrics[1:]] == [1, 4]
+    assert metrics[2]["eval/bon_kl"] == pytest.approx(math.log(4) - 3 / 4)
 
 
 def test_dpo_without_sft_checkpoint_says_what_to_run(tmp_path, capsys):

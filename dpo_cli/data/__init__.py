@@ -12,6 +12,7 @@ Adapters for hub datasets plug into ADAPTERS: a function from DataConfig to a li
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -32,14 +33,30 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist")
+    # A first pass with the json module names the line of a malformed record (datasets' Arrow reader
+    # reports a byte offset several exceptions deep).
+    num_records = 0
+    with path.open() as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            num_records += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(
+                    f"{path} line {number}: expected a JSON object, got {type(record).__name__}"
+                )
+            _check_record(record, f"{path} line {number}")
+    if num_records == 0:
+        raise ConfigError(f"{path} holds no records")
     datasets.disable_progress_bars()
     try:
-        table = datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as err:  # datasets wraps JSON errors several layers deep
-        raise ConfigError(f"{path}: not a valid JSON-lines file of records ({type(err).__name__})") from err
-    records = table.to_list()
-    for i, record in enumerate(records):
-        _check_record(record, f"{path} record {i + 1}")
+        records = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
+    except datasets.exceptions.DatasetGenerationError as err:
+        raise ConfigError(f"{path}: records of different kinds or field types in one file ({err})") from err
     return records
 
 
@@ -130,20 +147,25 @@ def pair_view(records: list[dict], *, min_reward_gap: float = 0.0) -> list[Examp
     """(prompt, [chosen, rejected]). A ranked record gives every pair of its ranking (6 for K = 4, the
     paper's sentiment setup) whose rewards, when given, differ by at least `min_reward_gap` (ties dropped)."""
     examples: list[Example] = []
+    identical = 0
     for r in records:
         kind = record_kind(r)
         if kind == "sft":
             raise ConfigError(
                 "a preference loss needs pair or ranked records, got SFT records (prompt+completion)"
             )
-        if kind == "pair":
-            examples.append((r["prompt"], [r["chosen"], r["rejected"]]))
-            continue
-        rewards = r.get("rewards")
-        for better, worse in itertools.combinations(r["ranking"], 2):
-            if rewards is not None and not rewards[better] - rewards[worse] >= max(min_reward_gap, 1e-12):
-                continue
-            examples.append((r["prompt"], [r["responses"][better], r["responses"][worse]]))
+        pairs = [(r["chosen"], r["rejected"])] if kind == "pair" else []
+        rewards = r.get("rewards") if kind == "ranked" else None
+        for better, worse in itertools.combinations(r["ranking"], 2) if kind == "ranked" else []:
+            if rewards is None or rewards[better] - rewards[worse] >= max(min_reward_gap, 1e-12):
+                pairs.append((r["responses"][better], r["responses"][worse]))
+        for chosen, rejected in pairs:
+            if chosen == rejected:  # nothing to prefer, and a zero-margin pair in every metric
+                identical += 1
+            else:
+                examples.append((r["prompt"], [chosen, rejected]))
+    if identical:
+        print(f"data: dropped {identical} pair(s) whose chosen and rejected completions are identical")
     return examples
 
 
@@ -156,3 +178,19 @@ def ranked_view(records: list[dict]) -> list[Example]:
             raise ConfigError("loss=plackett_luce needs ranked or pair records, got SFT records")
         examples.append((r["prompt"], [r["chosen"], r["rejected"]] if kind == "pair" else _ordered(r)))
     return examples
+
+
+def example_splits(
+    cfg: DataConfig, view: Callable[[list[dict]], list[Example]]
+) -> tuple[list[Example], list[Example], list[dict]]:
+    """(train examples, held-out examples capped at `max_eval_examples`, held-out records) of a view.
+    Runs before any model is loaded, so bad data fails fast."""
+    train_records, eval_records = load_splits(cfg)
+    train, held_out = view(train_records), view(eval_records)
+    for name, examples in (("training", train), ("held-out", held_out)):
+        if not examples:
+            raise ConfigError(
+                f"data={cfg.name}: no {name} examples left for this loss "
+                f"(data.min_reward_gap={cfg.min_reward_gap}; see the record kinds in README 'Your own data')"
+            )
+    return train, held_out[: cfg.max_eval_examples], eval_records

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from dpo_cli.config import DataConfig
 from dpo_cli.data import Example
 
 
@@ -41,11 +42,20 @@ def tokenize_examples(
 
     eos = tokenizer.eos_token_id
     out = []
+    long_prompts: set[str] = set()
     for prompt, completions in examples:
-        prompt_ids = ids(prompt, True)[-max_prompt_length_tokens:]
+        prompt_ids = ids(prompt, True)
+        if len(prompt_ids) > max_prompt_length_tokens:
+            long_prompts.add(prompt)
+            prompt_ids = prompt_ids[-max_prompt_length_tokens:]
         budget = max_length_tokens - len(prompt_ids) - 1
         completion_ids = tuple(tuple(ids(c, False)[:budget] + [eos]) for c in completions)
         out.append(TokenizedExample(tuple(prompt_ids), completion_ids))
+    if long_prompts:
+        print(
+            f"data: {len(long_prompts)} prompt(s) longer than data.max_prompt_length_tokens="
+            f"{max_prompt_length_tokens} were cut from the left (their ends kept)"
+        )
     return out
 
 
@@ -72,3 +82,19 @@ def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, to
         "index": index_tensor,
         "index_mask": index_mask,
     }
+
+
+def tokenize_splits(
+    splits: tuple[list[Example], list[Example]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """Both splits of `example_splits`, tokenized with the data config's length budgets."""
+    train, held_out = (
+        tokenize_examples(
+            examples,
+            tokenizer,
+            max_prompt_length_tokens=cfg.max_prompt_length_tokens,
+            max_length_tokens=cfg.max_length_tokens,
+        )
+        for examples in splits
+    )
+    return train, held_out

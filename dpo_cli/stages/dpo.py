@@ -10,11 +10,14 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from dpo_cli import engine
 from dpo_cli.config import PREFERENCE_LOSSES, ConfigError, LossConfig
-from dpo_cli.data import load_splits, pair_view, ranked_view
-from dpo_cli.data.batches import tokenize_examples
+from dpo_cli.data import example_splits, pair_view, ranked_view
+from dpo_cli.data.batches import tokenize_splits
+from dpo_cli.evaluate import make_frontier
+from dpo_cli.logging import RunLogger
 from dpo_cli.logps import token_logps
 from dpo_cli.losses import (
     plackett_luce_loss,
@@ -46,66 +49,87 @@ def find_sft_checkpoint(cfg: DictConfig) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
+def forward_logps(model, batch: engine.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and label mask of the batch's unique sequences."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_logps(logits, batch["labels"])
+
+
 @torch.no_grad()
 def reference_logps(ref_model, batch: engine.Batch) -> torch.Tensor:
     """(N,) log-probs of the batch's unique sequences under the frozen reference."""
-    logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    per_token, mask = token_logps(logits, batch["labels"])
+    per_token, mask = forward_logps(ref_model, batch)
     return (per_token * mask).sum(-1)
 
 
 def make_loss_fn(loss_cfg: LossConfig, ref_model) -> engine.LossFn:
     def loss_fn(policy, batch: engine.Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_token, mask = token_logps(logits, batch["labels"])
-        sequence = (per_token * mask).sum(-1)
+        per_token, mask = forward_logps(policy, batch)
         ref_sequence = batch["ref_logps"] if "ref_logps" in batch else reference_logps(ref_model, batch)
-        index, valid = batch["index"], batch["index_mask"]
-        logps, ref_logps = sequence[index], ref_sequence[index]  # (B, K), best first
-        chosen, rejected = index[:, 0], index[:, 1]
-        last = valid.sum(-1) - 1  # the worst completion of each ranking
-
-        name = loss_cfg.name
-        if name in PREFERENCE_LOSSES:
-            losses, _, _ = preference_loss(
-                logps[:, 0],
-                logps[:, 1],
-                ref_logps[:, 0],
-                ref_logps[:, 1],
-                loss_type=name,
-                beta=loss_cfg.beta,
-                label_smoothing=loss_cfg.label_smoothing,
-            )
-        elif name == "plackett_luce":
-            losses = plackett_luce_loss(logps, ref_logps, beta=loss_cfg.beta, mask=valid)
-        elif name == "preferred_ft":
-            losses = preferred_ft_loss(logps[:, 0], mask[chosen].sum(-1))
-        elif name == "unlikelihood":
-            losses = unlikelihood_loss_from_token_logps(
-                per_token[chosen], mask[chosen], per_token[rejected], mask[rejected], alpha=loss_cfg.alpha
-            )
-        else:
-            raise ConfigError(f"loss={name} is not a preference loss")
-
-        # Implicit rewards beta * log(pi / ref) of the best and the worst completion, whatever the loss,
-        # so every method's runs can be compared on the same scale.
-        rows = torch.arange(len(index), device=index.device)
-        chosen_rewards = (loss_cfg.beta * (logps[:, 0] - ref_logps[:, 0])).detach()
-        rejected_rewards = (loss_cfg.beta * (logps[rows, last] - ref_logps[rows, last])).detach()
-        return losses.mean(), {
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "logps/chosen": logps[:, 0].mean().item(),
-            "logps/rejected": logps[rows, last].mean().item(),
-        }
+        return objective(loss_cfg, batch, per_token, mask, ref_sequence)
 
     return loss_fn
 
 
+def objective(
+    loss_cfg: LossConfig,
+    batch: engine.Batch,
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    ref_sequence: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss and metrics of a batch from its policy per-token and reference sequence log-probs."""
+    sequence = (per_token * mask).sum(-1)
+    index, valid = batch["index"], batch["index_mask"]
+    logps, ref_logps = sequence[index], ref_sequence[index]  # (B, K), best first
+    chosen, rejected = index[:, 0], index[:, 1]
+    last = valid.sum(-1) - 1  # the worst completion of each ranking
+
+    name = loss_cfg.name
+    if name in PREFERENCE_LOSSES:
+        losses, _, _ = preference_loss(
+            logps[:, 0],
+            logps[:, 1],
+            ref_logps[:, 0],
+            ref_logps[:, 1],
+            loss_type=name,
+            beta=loss_cfg.beta,
+            label_smoothing=loss_cfg.label_smoothing,
+        )
+    elif name == "plackett_luce":
+        losses = plackett_luce_loss(logps, ref_logps, beta=loss_cfg.beta, mask=valid)
+    elif name == "preferred_ft":
+        losses = preferred_ft_loss(logps[:, 0], mask[chosen].sum(-1))
+    elif name == "unlikelihood":
+        losses = unlikelihood_loss_from_token_logps(
+            per_token[chosen], mask[chosen], per_token[rejected], mask[rejected], alpha=loss_cfg.alpha
+        )
+    else:
+        raise ConfigError(f"loss={name} is not a preference loss")
+
+    # Implicit rewards beta * log(pi / ref) of the best and the worst completion, whatever the loss,
+    # so every method's runs can be compared on the same scale.
+    rows = torch.arange(len(index), device=index.device)
+    chosen_rewards = (loss_cfg.beta * (logps[:, 0] - ref_logps[:, 0])).detach()
+    rejected_rewards = (loss_cfg.beta * (logps[rows, last] - ref_logps[rows, last])).detach()
+    return losses.mean(), {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "logps/chosen": logps[:, 0].mean().item(),
+        "logps/rejected": logps[rows, last].mean().item(),
+    }
+
+
 def run(cfg: DictConfig, run_dir: Path) -> None:
     sft_dir = find_sft_checkpoint(cfg)
+    view = (
+        ranked_view
+        if cfg.loss.name == "plackett_luce"
+        else lambda r: pair_view(r, min_reward_gap=cfg.data.min_reward_gap)
+    )
+    *splits, eval_records = example_splits(cfg.data, view)
     device = engine.prepare_run(cfg, run_dir)
     print(f"dpo: policy init and reference = {sft_dir}")
     policy, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
@@ -113,30 +137,37 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     policy.to(device)
     ref_model.to(device).eval().requires_grad_(False)
 
-    train_records, eval_records = load_splits(cfg.data)
-    view = (
-        ranked_view
-        if cfg.loss.name == "plackett_luce"
-        else lambda r: pair_view(r, min_reward_gap=cfg.data.min_reward_gap)
-    )
-    train, held_out = (
-        tokenize_examples(
-            view(records),
-            tokenizer,
-            max_prompt_length_tokens=cfg.data.max_prompt_length_tokens,
-            max_length_tokens=cfg.data.max_length_tokens,
-        )
-        for records in (train_records, eval_records)
-    )
-    held_out = held_out[: cfg.data.max_eval_examples]
-    if not held_out:
-        raise ConfigError(f"data={cfg.data.name}: no held-out examples after filtering")
+    train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"dpo: {len(train)} training and {len(held_out)} held-out examples (loss={cfg.loss.name})")
     eval_batches = engine.make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
-    # The reference is frozen: score the held-out batches once instead of at every eval point.
-    for batch in eval_batches:
-        batch["ref_logps"] = reference_logps(ref_model, engine.to_device(batch, device)).cpu()
+    # The reference is frozen: score the held-out batches once instead of at every eval point. The policy
+    # starts as the reference, so the same pass gives the step-0 metrics.
+    initial_parts = []
+    with torch.no_grad():
+        for batch in tqdm(eval_batches, desc="reference", unit="batch", leave=False):
+            on_device = engine.to_device(batch, device)
+            per_token, mask = forward_logps(ref_model, on_device)
+            ref_sequence = (per_token * mask).sum(-1)
+            batch["ref_logps"] = ref_sequence.cpu()
+            loss, metrics = objective(cfg.loss, on_device, per_token, mask, ref_sequence)
+            initial_parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
+    initial_metrics = {f"eval/{k}": v for k, v in engine.mean_metrics(initial_parts).items()}
 
     loss_fn = make_loss_fn(cfg.loss, ref_model)
-    engine.train(cfg, run_dir, policy, tokenizer, train, eval_batches, loss_fn, device)
+    logger = RunLogger(cfg, run_dir)
+    frontier = make_frontier(cfg, eval_records, tokenizer, ref_model, run_dir)
+    engine.train(
+        cfg,
+        run_dir,
+        policy,
+        tokenizer,
+        train,
+        eval_batches,
+        loss_fn,
+        frontier,
+        logger,
+        device,
+        initial_metrics,
+    )
+    logger.close()
     engine.finish(run_dir, "dpo-run -m dpo beta=0.05,0.1,1,5", "a beta sweep traces the reward/KL frontier")

@@ -32,8 +32,9 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=cfg.sft_checkpoint)
-    model.to(resolve_device(cfg.trainer.device))
-    reward_fn = make_reward_fn(cfg.reward)
+    device = resolve_device(cfg.trainer.device)
+    model.to(device)
+    reward_fn = make_reward_fn(cfg.reward, device)
 
     prompts = [r["prompt"] for r in prompt_records]
     samples = sample_completions(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from dpo_cli import engine
-from dpo_cli.data import load_splits, sft_view
-from dpo_cli.data.batches import tokenize_examples
+from dpo_cli.data import example_splits, sft_view
+from dpo_cli.data.batches import tokenize_splits
+from dpo_cli.evaluate import make_frontier
+from dpo_cli.logging import RunLogger
 from dpo_cli.logps import token_logps
 from dpo_cli.losses import sft_loss
 from dpo_cli.models import load_model
@@ -27,23 +30,19 @@ def sft_loss_fn(model, batch: engine.Batch) -> tuple[torch.Tensor, dict[str, flo
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
+    *splits, eval_records = example_splits(cfg.data, sft_view)
     device = engine.prepare_run(cfg, run_dir)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
     model.to(device)
+    # The frontier's KL is measured against the model SFT starts from, kept frozen.
+    initial_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.eval.num_prompts else None
 
-    train_records, eval_records = load_splits(cfg.data)
-    train, held_out = (
-        tokenize_examples(
-            sft_view(records),
-            tokenizer,
-            max_prompt_length_tokens=cfg.data.max_prompt_length_tokens,
-            max_length_tokens=cfg.data.max_length_tokens,
-        )
-        for records in (train_records, eval_records)
-    )
-    held_out = held_out[: cfg.data.max_eval_examples]
+    train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"sft: {len(train)} training and {len(held_out)} held-out sequences")
     eval_batches = engine.make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
 
-    engine.train(cfg, run_dir, model, tokenizer, train, eval_batches, sft_loss_fn, device)
+    logger = RunLogger(cfg, run_dir)
+    frontier = make_frontier(cfg, eval_records, tokenizer, initial_model, run_dir)
+    engine.train(cfg, run_dir, model, tokenizer, train, eval_batches, sft_loss_fn, frontier, logger, device)
+    logger.close()
     engine.finish(run_dir, "dpo-run dpo beta=0.1", "finds this SFT checkpoint by experiment and model")

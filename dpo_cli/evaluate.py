@@ -1,0 +1,151 @@
+"""Frontier evaluation (paper Fig. 2 left): sample from the policy, score with the true reward, estimate KL.
+
+Every eval point samples `eval.samples_per_prompt` completions for the same `eval.num_prompts` held-out
+prompts with the same seed, so points of one run and of different runs are paired. The KL estimate is the
+paper's: the mean over samples y ~ pi of log pi(y|x) - log pi_ref(y|x), sequence-level (summed over the
+completion's tokens); it is unbiased only for samples drawn at temperature 1 from pi itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_cli.data.batches import TokenizedExample, collate
+from dpo_cli.logps import token_logps
+from dpo_cli.rewards import RewardFn
+from dpo_cli.sampling import Samples, sample
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n)); se is 0 for a single value."""
+    values = values.double()
+    se = values.std(unbiased=True).item() / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return values.mean().item(), se
+
+
+@torch.no_grad()
+def completion_logps(
+    model: PreTrainedModel, samples: Samples, pad_token_id: int, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y|x) summed over completion tokens, completion length in tokens) for every sample."""
+    device = next(model.parameters()).device
+    logps, lengths = [], []
+    for start in range(0, len(samples.completion_ids), batch_size):
+        examples = [
+            TokenizedExample(tuple(p), (tuple(c),))
+            for p, c in zip(
+                samples.prompt_ids[start : start + batch_size],
+                samples.completion_ids[start : start + batch_size],
+                strict=True,
+            )
+        ]
+        batch = {k: v.to(device) for k, v in collate(examples, pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_token, mask = token_logps(logits, batch["labels"])
+        rows = batch["index"][:, 0]  # identical samples collapse to one row; gather them back
+        logps.append((per_token * mask).sum(-1)[rows].cpu())
+        lengths.append(mask.sum(-1)[rows].cpu())
+    return torch.cat(logps), torch.cat(lengths)
+
+
+class FrontierEvaluator:
+    """Produces one (KL, reward) point per call, paired with the first call's samples (the step-0 model)."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        prompts: list[str],
+        tokenizer: PreTrainedTokenizerBase,
+        reference: PreTrainedModel,
+        reward_fn: RewardFn,
+        run_dir: Path,
+    ):
+        self.cfg, self.prompts, self.tokenizer = cfg, prompts, tokenizer
+        self.reference, self.reward_fn = reference, reward_fn
+        self.samples_file = Path(run_dir) / "samples.jsonl"
+        self.first_prompt_rewards: torch.Tensor | None = None
+
+    def sample_and_score(self, model: PreTrainedModel, num_samples: int) -> tuple[Samples, torch.Tensor]:
+        e = self.cfg
+        samples = sample(
+            model,
+            self.tokenizer,
+            self.prompts,
+            num_samples=num_samples,
+            max_new_tokens=e.max_new_tokens,
+            temperature=e.temperature,
+            batch_size_prompts=e.batch_size_prompts,
+            seed=e.seed,
+            desc="eval sampling",
+        )
+        return samples, torch.tensor(
+            self.reward_fn(samples.prompts, samples.completions), dtype=torch.float64
+        )
+
+    def __call__(self, model: PreTrainedModel, step: int) -> tuple[dict[str, float], list[dict]]:
+        """Metrics of this point and its sample rows (also appended to samples.jsonl)."""
+        k = self.cfg.samples_per_prompt
+        samples, rewards = self.sample_and_score(model, k)
+        pad = self.tokenizer.pad_token_id
+        policy_logps, lengths = completion_logps(model, samples, pad)
+        reference_logps, _ = completion_logps(self.reference, samples, pad)
+        log_ratios = policy_logps - reference_logps
+        metrics = {}
+        metrics["eval/reward"], metrics["eval/reward_se"] = mean_and_se(rewards)
+        metrics["eval/kl"], metrics["eval/kl_se"] = mean_and_se(log_ratios)
+        metrics["eval/length_tokens"] = lengths.double().mean().item()
+        metrics["eval/kl_per_token"] = metrics["eval/kl"] / max(metrics["eval/length_tokens"], 1.0)
+        # Paired against the first point (same prompts, same seed): per-prompt mean reward differences
+        # cancel the prompt-to-prompt spread, which dominates the unpaired standard error.
+        prompt_rewards = rewards.view(-1, k).mean(-1)
+        if self.first_prompt_rewards is None:
+            self.first_prompt_rewards = prompt_rewards
+        metrics["eval/reward_delta"], metrics["eval/reward_delta_se"] = mean_and_se(
+            prompt_rewards - self.first_prompt_rewards
+        )
+        rows = [
+            {"step": step, "prompt": p, "completion": c, "reward": r, "log_ratio": lr}
+            for p, c, r, lr in zip(
+                samples.prompts, samples.completions, rewards.tolist(), log_ratios.tolist(), strict=True
+            )
+        ]
+        with self.samples_file.open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        return metrics, rows
+
+
+def best_of_n(evaluator: FrontierEvaluator, model: PreTrainedModel, n: int) -> dict[str, float]:
+    """Best-of-N baseline: N samples per prompt, keep the highest reward. Its KL to the sampling model has
+    the closed form log(N) - (N - 1) / N (Stiennon et al. 2020, App. G; exact without reward ties)."""
+    _, rewards = evaluator.sample_and_score(model, n)
+    best = rewards.view(-1, n).max(-1).values
+    reward, reward_se = mean_and_se(best)
+    return {
+        "eval/bon_n": n,
+        "eval/bon_reward": reward,
+        "eval/bon_reward_se": reward_se,
+        "eval/bon_kl": math.log(n) - (n - 1) / n,
+    }
+
+
+def make_frontier(
+    cfg: DictConfig,
+    held_out_records: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    reference: PreTrainedModel,
+    run_dir: Path,
+) -> FrontierEvaluator | None:
+    """The run's frontier evaluator on the first `eval.num_prompts` held-out prompts (None when off)."""
+    if cfg.eval.num_prompts == 0:
+        return None
+    from dpo_cli.rewards import make_reward_fn
+
+    prompts = list(dict.fromkeys(r["prompt"] for r in held_out_records))[: cfg.eval.num_prompts]
+    reward_fn = make_reward_fn(cfg.reward, next(reference.parameters()).device)
+    return FrontierEvaluator(cfg.eval, prompts, tokenizer, reference, reward_fn, run_dir)

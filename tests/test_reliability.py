@@ -1,0 +1,280 @@
+"""Crash-safe resume, non-finite losses, Ctrl-C, and bad input that never costs the user anything."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo_cli import checkpoints
+from dpo_cli.cli import main
+from dpo_cli.logging import read_metrics
+from tests.conftest import write_jsonl
+
+pytestmark = pytest.mark.slow
+# Enough steps that a kill lands mid-run; checkpoints every 3 steps; frontier sampling on (it uses RNG).
+TINY = ["model=tiny", "logger=none", "trainer.eval_every_steps=10", "data.max_eval_examples=16",
+        "eval.num_prompts=2", "trainer.batch_size_examples=4", "trainer.microbatch_size_examples=2",
+        "trainer.save_every_steps=3", "trainer.keep_checkpoints=2", "model.tiny_hidden_size=64",
+        "model.tiny_num_layers=4"]  # fmt: skip
+TIMING_KEYS = ("train/examples_per_second",)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def comparable_metrics(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in read_metrics(run_dir)]
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    a, b = weights(resumed), weights(uninterrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert comparable_metrics(resumed) == comparable_metrics(uninterrupted)
+    samples = [(resumed / "samples.jsonl").read_text(), (uninterrupted / "samples.jsonl").read_text()]
+    assert samples[0] == samples[1]
+
+
+def start(argv: list[str], cwd: Path) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-m", "dpo_cli.cli", *argv], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(
+            json.loads(line).get("step", -1) >= step and "train/loss" in line
+            for line in metrics.read_text().splitlines()
+            if line.endswith("}")
+        ):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"run ended before step {step}: {process.stderr.read()}")
+        time.sleep(0.01)
+    pytest.fail(f"no step {step} within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """An SFT run to start preference runs from, and an uninterrupted reference run of each stage."""
+    root = tmp_path_factory.mktemp("reliability")
+    main(["sft", *TINY, f"output_root={root}", "trainer.max_steps=30", "run_name=full"])
+    main(["dpo", *dpo_args(root), "trainer.max_steps=30", "run_name=full"])
+    return root
+
+
+def dpo_args(root: Path) -> list[str]:
+    """DPO runs start from the reference SFT run explicitly (the resumed SFT run would be found first)."""
+    return [*TINY, f"output_root={root}", f"sft_checkpoint={root / 'default/sft/full/final'}"]
+
+
+@pytest.mark.parametrize("stage", ["dpo", "sft"])
+def test_sigkill_then_resume_is_bit_identical(root, stage):
+    common = dpo_args(root) if stage == "dpo" else [*TINY, f"output_root={root}"]
+    argv = [stage, *common, "trainer.max_steps=30", "run_name=killed"]
+    run_dir = root / "default" / stage / "killed"
+    kill_after = random.Random(stage).randint(7, 20)
+    process = start(argv, cwd=root)
+    wait_for_step(process, run_dir, kill_after)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (run_dir / "final").exists()
+    assert checkpoints.latest_resumable(run_dir) is not None
+
+    main([*argv, "resume=true"])
+    assert_same_run(run_dir, root / "default" / stage / "full")
+
+
+def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(root, monkeypatch):
+    argv = ["dpo", *dpo_args(root), "trainer.max_steps=30", "run_name=killed_mid_write"]
+    run_dir = root / "default" / "dpo" / "killed_mid_write"
+
+    class Killed(BaseException):
+        """Stands in for SIGKILL: nothing after it runs, no handler catches it."""
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "step-9":
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoints.os, "replace", replace)
+    with pytest.raises(Killed):
+        main(argv)
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
+    assert (run_dir / "checkpoints" / ".tmp-step-9").is_dir()  # the half-written one, never picked up
+    assert checkpoints.latest_resumable(run_dir).name == "step-6"
+
+    main([*argv, "resume=true"])
+    assert_same_run(run_dir, root / "default" / "dpo" / "full")
+    # keep_checkpoints=2: only the two newest complete checkpoints remain.
+    assert [p.name for p in checkpoints.resumable_checkpoints(run_dir)] == ["step-24", "step-27"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(root):
+    argv = ["dpo", *dpo_args(root), "trainer.max_steps=30", "run_name=interrupted"]
+    run_dir = root / "default" / "dpo" / "interrupted"
+    process = start(argv, cwd=root)
+    wait_for_step(process, run_dir, 5)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 1
+    err = process.stderr.read()
+    assert "interrupted: saved" in err and "resume=true" in err
+    assert checkpoints.latest_resumable(run_dir) is not None
+    main([*argv, "resume=true"])
+    assert_same_run(run_dir, root / "default" / "dpo" / "full")
+
+
+def test_non_finite_loss_stops_with_the_step_examples_and_last_checkpoint(root, capsys):
+    # lr 1e30 blows the weights up in the first update, so step 2's loss or gradient is not finite.
+    argv = ["dpo", *dpo_args(root), "trainer.max_steps=6", "lr=1e30", "trainer.lr_warmup_steps=0",
+            "eval.num_prompts=0"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "run_name=nan_stop"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(r"step 2: the (loss|gradient norm) is not finite on training examples \[\d+, \d+\]", err)
+    assert "last good checkpoint: none" in err and "trainer.nan_policy=skip_batch" in err
+
+    main([*argv, "run_name=nan_skip", "trainer.nan_policy=skip_batch"])
+    last = [m for m in read_metrics(root / "default" / "dpo" / "nan_skip") if "train/skipped_batches" in m][
+        -1
+    ]
+    assert last["step"] == 6 and last["train/skipped_batches"] == 5
+
+
+def test_resume_of_a_finished_run_refuses(root, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dpo", *dpo_args(root), "trainer.max_steps=30", "run_name=full", "resume=true"])
+    assert exit_info.value.code == 2 and "nothing to resume" in capsys.readouterr().err
+
+
+# Bad input: exit code 2, one line naming the problem, nothing on disk touched.
+
+
+@pytest.fixture
+def guarded(root):
+    """The files of the earlier runs, to check a failed command leaves them as they were."""
+
+    def files() -> dict[Path, bytes]:
+        # Hydra's own per-invocation files (.hydra/, cli.log) are rewritten by design.
+        return {
+            p: p.read_bytes()
+            for p in (root / "default").rglob("*")
+            if p.is_file() and ".hydra" not in p.parts and p.name != "cli.log"
+        }
+
+    snapshot = files()
+    yield
+    after = files()
+    assert {p: b for p, b in after.items() if p in snapshot} == snapshot
+
+
+def fails(argv: list[str], capsys, *words: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert err.startswith("dpo-run: error:") and "\n" not in err and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def _data(tmp_path: Path, name: str, lines: list[str]) -> str:
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+PAIR = json.dumps({"prompt": "p", "chosen": "good", "rejected": "bad"})
+BAD_RANKING = json.dumps({"prompt": "p", "responses": ["a", "b"], "ranking": [1, 1]})
+TIED = [json.dumps({"prompt": f"p{i}", "responses": ["a", "b"], "ranking": [0, 1], "rewards": [0.5, 0.5]})
+        for i in range(20)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("lines", "words"),
+    [
+        ([PAIR, PAIR, '{"prompt": "p", "chosen": "x"', PAIR], ["line 3", "not valid JSON"]),
+        ([PAIR, json.dumps({"prompt": "p", "chosen": 5, "rejected": "b"})], ["line 2", "'chosen'", "string"]),
+        ([PAIR, json.dumps({"prompt": "p", "chosen": "a"})], ["line 2", "expected fields"]),
+        (["", ""], ["holds no records"]),
+        ([BAD_RANKING], ["line 1", "permutation"]),
+        (TIED, ["no training examples left", "min_reward_gap"]),
+    ],
+)  # fmt: skip
+def test_bad_data_files(root, tmp_path, capsys, guarded, lines, words):
+    path = _data(tmp_path, "data.jsonl", lines)
+    before = Path(path).read_bytes()
+    fails(["dpo", *dpo_args(root), "data=jsonl", f"data.path={path}", "run_name=bad"], capsys, *words)
+    assert Path(path).read_bytes() == before
+    assert not (root / "default" / "dpo" / "bad" / "metrics.jsonl").exists()
+
+
+def test_identical_pairs_are_dropped_and_counted(root, tmp_path, capsys):
+    rows = [
+        {"prompt": f"p{i}", "chosen": "same", "rejected": "same" if i < 3 else "other"} for i in range(40)
+    ]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    main(["dpo", *dpo_args(root), "data=jsonl", f"data.path={path}", "trainer.max_steps=1",
+          "run_name=identical"])  # fmt: skip
+    out = capsys.readouterr().out  # reported per split (train and held-out)
+    assert (
+        sum(
+            map(
+                int,
+                re.findall(
+                    r"dropped (\d+) pair\(s\) whose chosen and rejected completions are identical", out
+                ),
+            )
+        )
+        == 3
+    )
+
+
+def test_long_prompts_are_cut_from_the_left_and_reported(root, tmp_path, capsys):
+    rows = [{"prompt": "x" * 100 + f" {i}", "chosen": "good", "rejected": "bad"} for i in range(40)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    main(["dpo", *dpo_args(root), "data=jsonl", f"data.path={path}", "trainer.max_steps=1",
+          "data.max_prompt_length_tokens=16", "data.max_length_tokens=32", "run_name=long"])  # fmt: skip
+    assert (
+        "prompt(s) longer than data.max_prompt_length_tokens=16 were cut from the left"
+        in capsys.readouterr().out
+    )
+
+
+def test_rerun_refuses_naming_both_options(root, capsys, guarded):
+    fails(["dpo", *dpo_args(root), "run_name=full"], capsys, "resume=true", "overwrite=true")
+
+
+def test_checkpoint_dir_that_is_not_a_model(root, tmp_path, capsys, guarded):
+    fails(["dpo", *TINY, f"output_root={root}", f"sft_checkpoint={tmp_path}", "run_name=bad"], capsys,
+          "not a model checkpoint")  # fmt: skip
+
+
+def test_unreachable_hub_model_while_offline(root, capsys, guarded):
+    fails(["sft", "model=gpt2_large", "logger=none", f"output_root={root}", "run_name=hub"], capsys,
+          "HF_HUB_OFFLINE=1", "model.name_or_path=")  # fmt: skip
+
+
+def test_debug_shows_the_traceback(root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["dpo", *TINY, f"output_root={root}", f"sft_checkpoint={tmp_path}", "run_name=bad", "debug=true"]
+        )
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "Traceback" in err and "ConfigError" in err and "not a model checkpoint" in err
