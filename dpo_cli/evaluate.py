@@ -29,6 +29,13 @@ def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), se
 
 
+def distinct_n(token_ids: list[list[int]], n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016): unique n-grams / all n-grams over every completion; it falls when a
+    policy buys reward with repetitive or collapsed text."""
+    ngrams = [tuple(ids[i : i + n]) for ids in token_ids for i in range(len(ids) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
 @torch.no_grad()
 def completion_logps(
     model: PreTrainedModel, samples: Samples, pad_token_id: int, batch_size: int = 32
@@ -101,6 +108,9 @@ class FrontierEvaluator:
         metrics["eval/kl"], metrics["eval/kl_se"] = mean_and_se(log_ratios)
         metrics["eval/length_tokens"] = lengths.double().mean().item()
         metrics["eval/kl_per_token"] = metrics["eval/kl"] / max(metrics["eval/length_tokens"], 1.0)
+        # Fluency beside the reward: how likely the reference finds the text, and how varied it is.
+        metrics["eval/ref_logp_per_token"] = (reference_logps / lengths.clamp(min=1)).double().mean().item()
+        metrics["eval/distinct_2"] = distinct_n(samples.completion_ids, 2)
         # Paired against the first point (same prompts, same seed): per-prompt mean reward differences
         # cancel the prompt-to-prompt spread, which dominates the unpaired standard error.
         prompt_rewards = rewards.view(-1, k).mean(-1)

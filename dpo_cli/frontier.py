@@ -33,6 +33,8 @@ COLUMNS = [
     "is_final",
     "reward_delta",
     "reward_delta_se",
+    "ref_logp_per_token",
+    "distinct_2",
 ]
 KL_AXIS = "KL(π ‖ π_ref) [nats, sequence-level]"
 REWARD_AXIS = "reward (mean, ± s.e.)"
@@ -89,6 +91,8 @@ def _points_of_line(line: dict[str, Any], label: str) -> list[dict[str, Any]]:
                 "reward_se": line.get("eval/reward_se"),
                 "reward_delta": line.get("eval/reward_delta"),
                 "reward_delta_se": line.get("eval/reward_delta_se"),
+                "ref_logp_per_token": line.get("eval/ref_logp_per_token"),
+                "distinct_2": line.get("eval/distinct_2"),
             }
         )
     if line.get("eval/bon_kl") is not None and line.get("eval/bon_reward") is not None:
@@ -101,6 +105,8 @@ def _points_of_line(line: dict[str, Any], label: str) -> list[dict[str, Any]]:
                 "reward_se": line.get("eval/bon_reward_se"),
                 "reward_delta": None,
                 "reward_delta_se": None,
+                "ref_logp_per_token": None,
+                "distinct_2": None,
             }
         )
     return points

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from dpo_cli.config import ConfigError, EvalConfig, RewardConfig
-from dpo_cli.evaluate import FrontierEvaluator, best_of_n, completion_logps
+from dpo_cli.evaluate import FrontierEvaluator, best_of_n, completion_logps, distinct_n
 from dpo_cli.models import tiny_tokenizer
 from dpo_cli.rewards import hf_classifier_reward, vader_reward
 from dpo_cli.sampling import sample
@@ -110,6 +110,20 @@ def test_best_of_n_kl_is_the_closed_form_and_reward_is_at_least_the_mean(tmp_pat
     assert point["eval/bon_kl"] == pytest.approx(math.log(16) - 15 / 16)
     assert best_of_n(evaluate, model, 1)["eval/bon_kl"] == 0.0
     assert point["eval/bon_reward"] >= sampled["eval/reward"]
+
+
+def test_distinct_2_counts_unique_bigrams_over_all_completions():
+    # bigrams: (1,2) (2,1) (1,2) | (3,3) (3,3) -> 5 bigrams, 3 unique.
+    assert distinct_n([[1, 2, 1, 2], [3, 3, 3], [7]], 2) == pytest.approx(3 / 5)
+    assert distinct_n([[1]], 2) == 0.0
+
+
+def test_fluency_is_logged_beside_each_point(tmp_path):
+    model = peaked_tiny_model(0)
+    metrics, _ = evaluator(model, 32, tmp_path)(model, step=0)
+    assert 0 < metrics["eval/distinct_2"] <= 1
+    # Against itself the reference log-prob per token is the policy's own, a finite negative number.
+    assert -10 < metrics["eval/ref_logp_per_token"] < 0
 
 
 def test_vader_scores_sentiment_in_minus_one_to_one():
