@@ -1,0 +1,109 @@
+"""Summarise a frontier reproduction (scripts/reproduce_frontier.sh) into results.md and learning curves.
+
+    python scripts/summarize_results.py outputs/sentiment_frontier [--wall-minutes M]
+
+Reads the experiment's frontier.csv (written by scripts/plot_frontier.py) and its run dirs; writes
+<root>/results.md (final point of every run with fluency, seed spreads, wall time) and
+<root>/learning_curves.png (train reward accuracy and eval reward over steps), and prints results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dpo_cli.frontier import gather_points, run_label
+from dpo_cli.logging import read_metrics
+
+
+def _fmt(value: str | float | None, se: str | float | None = None, digits: int = 3) -> str:
+    if value in (None, ""):
+        return ""
+    text = f"{float(value):.{digits}f}"
+    return f"{text} +/- {float(se):.{digits}f}" if se not in (None, "") else text
+
+
+def final_points_table(rows: list[dict]) -> list[str]:
+    header = ["method", "run", "final KL (nats)", "final reward", "paired change vs step 0"]
+    header += ["ref log-prob/token", "distinct-2"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row in sorted((r for r in rows if r["is_final"] in (True, "True")), key=lambda r: float(r["kl"])):
+        cells = [row["label"], Path(row["run_dir"]).name, _fmt(row["kl"], row["kl_se"], 2)]
+        cells += [_fmt(row["reward"], row["reward_se"]), _fmt(row["reward_delta"], row["reward_delta_se"])]
+        cells += [_fmt(row["ref_logp_per_token"], digits=2), _fmt(row["distinct_2"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def final_reward(run_dir: Path) -> float:
+    return [m for m in read_metrics(run_dir) if "eval/reward" in m][-1]["eval/reward"]
+
+
+def seed_spreads(root: Path) -> list[str]:
+    """Training seeds (same sampling) vs sampling seeds (same checkpoint) of DPO beta=0.1."""
+    training = [final_reward(p) for p in sorted(root.glob("dpo/multirun-*/dpo_beta0.1_seed*"))]
+    sampling = [final_reward(p) for p in sorted(root.glob("eval/dpo_beta0.1_sampling_seed*"))]
+    lines = []
+    for name, values in (("training seeds", training), ("sampling seeds", sampling)):
+        if len(values) >= 2:
+            lines.append(
+                f"- DPO beta=0.1 over {len(values)} {name}: final reward "
+                f"{', '.join(f'{v:.3f}' for v in values)} (std {statistics.stdev(values):.3f})"
+            )
+    return lines
+
+
+def plot_learning_curves(root: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, reward_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    for metrics_file in sorted(root.glob("dpo/multirun-*/*/metrics.jsonl")):
+        label = run_label(OmegaConf.load(metrics_file.parent / "config.yaml"))
+        metrics = read_metrics(metrics_file.parent)
+        train = [m for m in metrics if "train/rewards/accuracies" in m]
+        # A 5-step running mean: single 8-pair batches are too noisy to read.
+        smoothed = [statistics.mean(m["train/rewards/accuracies"] for m in train[max(0, i - 4) : i + 1])
+                    for i in range(len(train))]  # fmt: skip
+        acc_ax.plot([m["step"] for m in train], smoothed, label=label, linewidth=1)
+        evals = [m for m in metrics if "eval/reward" in m]
+        steps, rewards = [m["step"] for m in evals], [m["eval/reward"] for m in evals]
+        errors = [m["eval/reward_se"] for m in evals]
+        reward_ax.errorbar(steps, rewards, yerr=errors, label=label, marker="o", capsize=2)
+    acc_ax.set(xlabel="step", ylabel="train implicit-reward accuracy (5-step mean)", title="Learning curves")
+    reward_ax.set(
+        xlabel="step", ylabel="held-out reward (mean, +/- s.e.)", title="Reward of samples over training"
+    )
+    for ax in (acc_ax, reward_ax):
+        ax.grid(True, alpha=0.3)
+    reward_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="the experiment dir, e.g. outputs/sentiment_frontier")
+    parser.add_argument("--wall-minutes", type=int, default=None, help="wall time of the whole reproduction")
+    args = parser.parse_args()
+    frontier_csv = args.root / "frontier.csv"
+    rows = list(csv.DictReader(frontier_csv.open())) if frontier_csv.exists() else gather_points([args.root])
+    plot_learning_curves(args.root, args.root / "learning_curves.png")
+    lines = [f"# Results: {args.root.name}", ""]
+    if args.wall_minutes is not None:
+        lines += [f"Wall time of the whole reproduction: {args.wall_minutes} min.", ""]
+    lines += final_points_table(rows) + [""] + seed_spreads(args.root)
+    lines += ["", "Figures: frontier.png, learning_curves.png"]
+    (args.root / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""scripts/reproduce_frontier.sh wires up: every method runs and one figure and table come out."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_reproduction_script_runs_every_method_with_the_tiny_model(tmp_path):
+    overrides = ["model=tiny", "trainer.max_steps=2", "trainer.eval_every_steps=1", "logger=none",
+                 "eval.num_prompts=2", "data.max_eval_examples=8", f"output_root={tmp_path}"]  # fmt: skip
+    env = os.environ | {"PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(["bash", str(ROOT / "scripts/reproduce_frontier.sh"), *overrides], env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = tmp_path / "sentiment_frontier"
+    assert (root / "frontier.png").stat().st_size > 10_000
+    assert (root / "learning_curves.png").stat().st_size > 10_000
+    results = (root / "results.md").read_text()
+    for label in ["dpo beta=0.05", "dpo beta=5", "unlikelihood alpha=0.05", "unlikelihood alpha=1",
+                  "preferred_ft seed=2", "best-of-N N=16", "eval sft_best_of_n"]:  # fmt: skip
+        assert f"| {label} |" in results, label
+    assert "over 3 training seeds" in results and "over 3 sampling seeds" in results
+    # A second run refuses instead of mixing old and new sweeps into one figure.
+    again = subprocess.run(["bash", str(ROOT / "scripts/reproduce_frontier.sh"), *overrides], env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 2 and "exists" in again.stderr
