@@ -31,6 +31,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "dpo": ("dpo_cli.stages.dpo", "preference optimisation: loss=dpo|ipo|cdpo|preferred_ft|unlikelihood|..."),
     "eval": ("dpo_cli.stages.eval", "one (KL, reward) frontier point for checkpoint=PATH, plus Best-of-N"),
     "prefs": ("dpo_cli.stages.prefs", "sample K completions per prompt, score them, write ranked records"),
+    "winrate": (
+        "dpo_cli.stages.winrate",
+        "win rate of checkpoint=PATH vs a baseline by a judge, per temperature",
+    ),
 }
 # Hydra flags that take a value: that value is not the stage word.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
@@ -159,9 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     stage = args.pop(stage_index)
     if stage not in STAGES:
         _fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} (dpo-run --help)")
-    args.append(f"stage={stage}")
-    preflight(_overrides(args))
-    sys.argv = [sys.argv[0], *args]
+    overrides = [*_overrides(args), f"stage={stage}"]
+    flags = [arg for arg in args if arg not in overrides]
+    preflight(overrides)
+    # Overrides first, flags after: argparse cannot collect overrides split around `--cfg job`.
+    sys.argv = [sys.argv[0], *overrides, *flags]
     _hydra_main()
 
 
