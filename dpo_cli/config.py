@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-STAGES = ("sft", "dpo", "prefs", "eval")
+STAGES = ("sft", "dpo", "prefs", "eval", "winrate")
 LOSSES = ("sft", "dpo", "ipo", "cdpo", "preferred_ft", "unlikelihood", "plackett_luce")
 PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo")
 
@@ -48,9 +48,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    """Dataset adapter: `sentiment` (embedded), `jsonl` (your own file)."""
+    """Dataset adapter: `sentiment` (embedded), `jsonl` (your own file), or the paper's hub datasets
+    `hh`, `tldr`, `shp`, `imdb` (dpo_cli/data/hub.py)."""
     path: str | None = None
-    """Records file (JSONL) for `jsonl`; overrides the shipped file for `sentiment`."""
+    """Records file (JSONL) for `jsonl`; overrides the shipped file for `sentiment`. For a hub adapter:
+    a local copy in the source's own schema (a JSONL / JSON / parquet file, or a directory of them whose
+    file names give the splits, as `huggingface-cli download` writes it) read instead of the hub."""
     eval_path: str | None = None
     """Held-out records file; when unset, held-out prompts come from the records' `split` field or are
     split off by prompt (`eval_fraction`), never sharing a prompt with training."""
@@ -64,6 +67,15 @@ class DataConfig:
     """Ranked records with rewards become pairs only when the two rewards differ by at least this much."""
     max_eval_examples: int | None = None
     """Cap on held-out examples (pairs / sequences) used for eval metrics; None = all."""
+    hub_id: str = ""
+    """Hub adapters: the Hugging Face dataset id (set by conf/data/<name>.yaml)."""
+    sft_hub_id: str = ""
+    """Hub adapters with separate demonstrations (tldr: the human-written reference summaries)."""
+    demonstrations: bool = False
+    """Load `sft_hub_id` (SFT records) instead of `hub_id` (preference pairs); conf/data/tldr.yaml turns
+    it on for `dpo-run sft` and `dpo-run winrate` (the reference summaries are its baseline)."""
+    max_records: int | None = None
+    """Hub adapters: keep the first this many rows of each split (quick runs); None = all."""
 
 
 @dataclass
@@ -191,6 +203,60 @@ class PrefsConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """Who compares two completions for `dpo-run winrate` (dpo_cli/judge.py)."""
+
+    name: str = "openai"
+    """openai: an LLM behind any OpenAI-compatible chat-completions endpoint | reward: the larger
+    `reward=` score wins (offline; the sentiment task and tests)."""
+    base_url: str = "https://api.openai.com/v1"
+    """Endpoint root; requests go to `<base_url>/chat/completions` (a local vLLM or llama.cpp server:
+    http://127.0.0.1:8000/v1)."""
+    model: str = "gpt-4o"
+    """Judge model name as the server knows it."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself is never logged or written);
+    unset or empty: no Authorization header (local servers)."""
+    template: str = "auto"
+    """Judge prompt: summary (the paper's "concise" variant) | dialogue ("helpful") | auto (summary for
+    data=tldr, dialogue otherwise)."""
+    both_orders: bool = True
+    """Ask every comparison in both orders (position bias cancels; a flipped verdict is a tie). false: one
+    request per comparison in a seeded random order."""
+    max_concurrency: int = 8
+    """Requests in flight at once."""
+    timeout_seconds: float = 60.0
+    """Per-request timeout; a timed-out request is retried."""
+    max_retries: int = 5
+    """Retries of a request after HTTP 429, 5xx, a timeout or a dropped connection."""
+    backoff_seconds: float = 1.0
+    """Wait before the first retry; doubles at every retry (a server's Retry-After wins), capped at 60 s."""
+    max_answer_tokens: int = 256
+    """max_tokens of the judge's answer (a one-sentence comparison and the verdict line)."""
+    temperature: float = 0.0
+    """Judge sampling temperature (0: its most likely verdict, which also makes the cache exact)."""
+    cache_path: str | None = None
+    """JSONL cache of answers keyed by (server, judge model, prompt, both texts, order); None =
+    `<output_root>/judge_cache.jsonl`, shared by all runs, so a rerun pays only for what is missing."""
+    seed: int = 0
+    """Order of the two texts when `both_orders=false`."""
+
+
+@dataclass
+class WinrateConfig:
+    """`dpo-run winrate`: how the policy's completions are made."""
+
+    num_prompts: int = 256
+    """Held-out prompts compared (or the first prompts of a `baseline=` samples file)."""
+    max_new_tokens: int = 128
+    """Tokens sampled per completion."""
+    batch_size_prompts: int = 16
+    """Prompts per generate() call."""
+    seed: int = 1234
+    """Sampling seed, the same for every checkpoint, so runs compare on the same random stream."""
+
+
+@dataclass
 class Config:
     stage: str = MISSING
     """Set by the stage word: `dpo-run <stage>` appends `stage=<stage>` after your overrides."""
@@ -213,7 +279,18 @@ class Config:
     debug: bool = False
     """Show full Python tracebacks for user errors instead of the one-line message."""
     checkpoint: str | None = None
-    """`dpo-run eval`: the checkpoint to evaluate (default: the experiment's SFT model)."""
+    """`dpo-run eval` / `dpo-run winrate`: the checkpoint to evaluate (default: the experiment's SFT
+    model)."""
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """`dpo-run winrate`: sampling temperatures, one win rate each (0.0 = greedy decoding)."""
+    baseline: str = "dataset"
+    """`dpo-run winrate`: what the policy is compared with: dataset (the held-out reference summary,
+    chosen response or demonstration) | PATH of a samples file (JSONL of prompt + completion, e.g. another
+    winrate run's samples.jsonl, for head-to-head)."""
+    method: str = "policy"
+    """`dpo-run winrate`: policy (one sample per prompt) | best_of_n (`n` samples, the best by `reward=`)."""
+    n: int = 16
+    """`dpo-run winrate method=best_of_n`: samples per prompt."""
     sft_checkpoint: str | None = None
     """Policy init and reference model for preference stages; None = newest SFT `final/` of this
     experiment and model."""
@@ -225,6 +302,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    winrate: WinrateConfig = field(default_factory=WinrateConfig)
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
@@ -233,6 +312,8 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 OmegaConf.register_new_resolver(
     "run_name_from", lambda overrides: str(overrides).replace("/", "_") or "default", replace=True
 )
+# `${stage_in:${stage},sft,winrate}`: true in those stages (conf/data/tldr.yaml picks its demonstrations).
+OmegaConf.register_new_resolver("stage_in", lambda stage, *stages: stage in stages, replace=True)
 
 
 def conf_dir() -> Path:
@@ -296,7 +377,27 @@ def validate(cfg: DictConfig) -> None:
     _check(p, t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: must be >= 1")
     _check(p, t.eval_every_steps >= 1, f"trainer.eval_every_steps={t.eval_every_steps}: must be >= 1")
     d = cfg.data
-    _check(p, d.name in ("sentiment", "jsonl"), f"data.name={d.name}: choose sentiment or jsonl")
+    from dpo_cli.data import ADAPTERS  # imported here: dpo_cli.data imports this module
+
+    _check(p, d.name in ADAPTERS, f"data.name={d.name}: choose one of {', '.join(ADAPTERS)}")
+    from dpo_cli.data.hub import HUB_ADAPTERS
+
+    _check(
+        p,
+        d.name not in HUB_ADAPTERS or not d.eval_path,
+        f"data.eval_path is for records files (data=jsonl); data={d.name} reads held-out rows from the "
+        "hub's test split or from data.path=DIR holding train and test files in the source's schema",
+    )
+    _check(
+        p,
+        d.name not in HUB_ADAPTERS or bool(d.path or d.hub_id),
+        f"data={d.name} needs data.hub_id=HUB_ID or data.path=/path/to/local/copy",
+    )
+    _check(
+        p,
+        d.max_records is None or d.max_records >= 1,
+        f"data.max_records={d.max_records}: must be >= 1",
+    )
     _check(p, d.name != "jsonl" or bool(d.path), "data=jsonl needs data.path=FILE (a JSONL of records)")
     _check(
         p,
@@ -328,6 +429,7 @@ def validate(cfg: DictConfig) -> None:
     _check(p, all(n >= 1 for n in cfg.eval.best_of_n), f"eval.best_of_n={cfg.eval.best_of_n}: each N >= 1")
     _check(p, cfg.prefs.num_samples >= 2, f"prefs.num_samples={cfg.prefs.num_samples}: must be >= 2")
     _check(p, cfg.prefs.temperature > 0, f"prefs.temperature={cfg.prefs.temperature}: must be > 0")
+    _validate_winrate(cfg, p)
     if cfg.stage == "sft":
         _check(p, cfg.loss.name == "sft", f"stage sft trains with loss=sft, not loss={cfg.loss.name}")
     elif cfg.stage == "dpo":
@@ -338,3 +440,38 @@ def validate(cfg: DictConfig) -> None:
         )
     if p:
         raise ConfigError("; ".join(p))
+
+
+def _validate_winrate(cfg: DictConfig, p: list[str]) -> None:
+    """The judge's and `dpo-run winrate`'s keys."""
+    j = cfg.judge
+    _check(p, j.name in ("openai", "reward"), f"judge.name={j.name}: choose openai or reward")
+    _check(
+        p,
+        j.template in ("auto", "summary", "dialogue"),
+        f"judge.template={j.template}: choose auto, summary or dialogue",
+    )
+    _check(p, j.max_concurrency >= 1, f"judge.max_concurrency={j.max_concurrency}: must be >= 1")
+    _check(p, j.timeout_seconds > 0, f"judge.timeout_seconds={j.timeout_seconds}: must be > 0")
+    _check(p, j.max_retries >= 0, f"judge.max_retries={j.max_retries}: must be >= 0")
+    _check(p, j.backoff_seconds >= 0, f"judge.backoff_seconds={j.backoff_seconds}: must be >= 0")
+    _check(p, j.max_answer_tokens >= 1, f"judge.max_answer_tokens={j.max_answer_tokens}: must be >= 1")
+    _check(
+        p,
+        j.name != "openai" or bool(j.base_url and j.model),
+        "judge=openai needs judge.base_url=URL and judge.model=NAME",
+    )
+    _check(p, len(cfg.temperatures) >= 1, "temperatures=[]: give at least one, e.g. temperatures=[0.0,1.0]")
+    _check(p, all(t >= 0 for t in cfg.temperatures), f"temperatures={cfg.temperatures}: each must be >= 0")
+    _check(p, cfg.method in ("policy", "best_of_n"), f"method={cfg.method}: choose policy or best_of_n")
+    _check(p, cfg.n >= 1, f"n={cfg.n}: must be >= 1")
+    _check(p, bool(cfg.baseline), "baseline=: choose dataset or the PATH of a samples file")
+    _check(p, cfg.winrate.num_prompts >= 1, f"winrate.num_prompts={cfg.winrate.num_prompts}: must be >= 1")
+    _check(p, cfg.winrate.max_new_tokens >= 1, "winrate.max_new_tokens: must be >= 1")
+    if cfg.stage == "winrate":
+        _check(
+            p,
+            cfg.method != "best_of_n" or all(t > 0 for t in cfg.temperatures),
+            f"method=best_of_n with temperatures={cfg.temperatures}: greedy decoding (0.0) gives n identical "
+            "samples; use temperatures > 0",
+        )

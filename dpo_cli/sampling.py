@@ -46,17 +46,21 @@ def sample(
         for start in tqdm(range(0, len(prompts), batch_size_prompts), desc=desc, unit="batch", leave=False):
             batch = prompts[start : start + batch_size_prompts]
             enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+            # temperature 0 is greedy decoding: one deterministic completion per prompt, repeated so the
+            # rows keep their prompt-major layout (generate() refuses several greedy return sequences).
+            greedy = temperature == 0
+            sampling_args = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
             generated = model.generate(
                 **enc,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
+                do_sample=not greedy,
+                **sampling_args,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
+                num_return_sequences=1 if greedy else num_samples,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
+            if greedy:
+                generated = generated.repeat_interleave(num_samples, dim=0)
             new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
             for row, tokens in enumerate(new_tokens):
                 prompt_row = row // num_samples

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dpo_cli.config import ConfigError, DataConfig
+from dpo_cli.data.hub import HUB_ADAPTERS
 
 SHIPPED_SENTIMENT = Path(__file__).resolve().parent / "sentiment" / "records.jsonl"
 SHIPPED_OPENINGS = Path(__file__).resolve().parent / "sentiment" / "openings.jsonl"
@@ -106,7 +107,12 @@ def _jsonl(cfg: DataConfig) -> list[dict]:
     return read_jsonl(cfg.path)
 
 
-ADAPTERS: dict[str, Callable[[DataConfig], list[dict]]] = {"sentiment": _sentiment, "jsonl": _jsonl}
+# The paper's hub datasets (hh, tldr, shp, imdb) live in dpo_cli/data/hub.py.
+ADAPTERS: dict[str, Callable[[DataConfig], list[dict]]] = {
+    "sentiment": _sentiment,
+    "jsonl": _jsonl,
+    **HUB_ADAPTERS,
+}
 
 
 def load_splits(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
