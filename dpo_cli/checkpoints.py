@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_cli import distributed
+
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -35,12 +37,14 @@ def _fsync_tree(root: Path) -> None:
         _fsync(path)
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)`, make it durable, then rename it to `path` (replacing an older `path`)."""
+def _fresh_tmp(path: Path) -> Path:
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def _commit(tmp: Path, path: Path) -> Path:
     _fsync_tree(tmp)
     if path.exists():
         shutil.rmtree(path)
@@ -49,11 +53,24 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
-    """A `save_pretrained` model + tokenizer dir, loadable by `AutoModelForCausalLM.from_pretrained`."""
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)`, make it durable, then rename it to `path` (replacing an older `path`)."""
+    tmp = _fresh_tmp(path)
+    write(tmp)
+    return _commit(tmp, path)
+
+
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """A `save_pretrained` model + tokenizer dir, loadable by `AutoModelForCausalLM.from_pretrained`
+    (`state_dict`: these weights instead of the model's own, e.g. gathered from ZeRO shards)."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
     return write_atomically(path, write)
@@ -70,6 +87,29 @@ def save_resumable(
         torch.save(state, tmp / TRAINER_STATE)
 
     return write_atomically(path, write)
+
+
+def save_deepspeed_resumable(ds_engine: Any, path: Path, state: dict[str, Any]) -> Path:
+    """DeepSpeed's own checkpoint (every rank writes its shards; a collective) plus each rank's RNG state,
+    then `trainer_state.pt`; rank 0 renames it into place once every rank has written, as above."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    if distributed.is_main():
+        _fresh_tmp(path)
+    distributed.barrier()
+    ds_engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
+    distributed.barrier()
+    if distributed.is_main():
+        torch.save(state, tmp / TRAINER_STATE)
+        _commit(tmp, path)
+    distributed.barrier()
+    return path
+
+
+def load_deepspeed_resumable(ds_engine: Any, path: Path) -> None:
+    """Model shards, optimizer and scheduler state of a `save_deepspeed_resumable` dir; this rank's RNG."""
+    ds_engine.load_checkpoint(str(path.parent), tag=path.name)
+    restore_rng(torch.load(path / f"rng-rank{distributed.rank()}.pt", weights_only=False))
 
 
 def resumable_checkpoints(run_dir: Path) -> list[Path]:

@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_cli import distributed
 from dpo_cli.config import Config, ConfigError, RunStopped, conf_dir, validate
 
 # name -> (module with `run(cfg, run_dir)`, one-line description). The help text is generated from this.
@@ -130,10 +131,30 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> None:
     module.run(cfg, Path(run_dir))
 
 
+def launch_ranks(cfg: DictConfig, run_dir: Path) -> None:
+    """DeepSpeed without a launcher: start this job's `trainer.num_processes` ranks, each running this stage
+    with the same overrides in `run_dir` (dpo_cli/distributed.py), once the run dir is known to be usable."""
+    validate(cfg)
+    from dpo_cli.engine import check_run_dir  # torch: imported only when it is needed
+
+    if distributed.first_node():
+        check_run_dir(cfg, run_dir)
+    overrides = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0] != "stage"]
+    distributed.launch(cfg.stage, overrides, run_dir, cfg.trainer.num_processes)
+
+
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run_stage(cfg, Path(HydraConfig.get().runtime.output_dir))
+        if distributed.wanted(cfg) and not distributed.inside_launcher():
+            launch_ranks(cfg, run_dir)
+        else:
+            with distributed.rank_context(cfg):  # a rank joins the process group; one process: nothing
+                run_stage(cfg, run_dir)
+    except distributed.RanksFailed as err:  # torchrun stopped the other ranks; their output is above
+        print(f"dpo-run: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except ConfigError as err:  # the user's input: one line, exit 2 (debug=true shows the traceback)
         if cfg.debug:
             raise
@@ -141,12 +162,16 @@ def _hydra_main(cfg: DictConfig) -> None:
     except RunStopped as err:  # the run stopped itself and said what it kept: one line, exit 1
         if cfg.debug:
             raise
-        print(f"dpo-run: stopped: {err}", file=sys.stderr)
+        if distributed.launcher_rank() == 0:  # under DeepSpeed every rank stops together; rank 0 says why
+            print(f"dpo-run: stopped: {err}", file=sys.stderr)
         sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
+    distributed.quiet_unless_rank_zero()
     args = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher appends --local_rank=N; the rank is in the environment as well.
+    args = [arg for arg in args if not re.match(r"--local[_-]rank=", arg)]
     if not args or "-h" in args or "--help" in args:
         print(help_text())
         return

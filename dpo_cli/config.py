@@ -93,7 +93,8 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     engine: str = "single"
-    """single: one process (CPU or one GPU)."""
+    """single: one process (CPU or one GPU) | deepspeed: DeepSpeed ZeRO across `num_processes` ranks per node
+    (trainer=zero2 / trainer=zero3; sft and dpo only, other stages run in one process)."""
     optimizer: str = "rmsprop"
     """rmsprop (the paper's choice) | adamw."""
     weight_decay: float = 0.0
@@ -128,6 +129,19 @@ class TrainerConfig:
     """auto (cuda when present, else cpu) | cpu | cuda."""
     num_threads: int | None = None
     """torch CPU threads (None = torch's default)."""
+    num_processes: int = 1
+    """DeepSpeed: ranks per node that `dpo-run` launches (torchrun), e.g. one per GPU. Ignored when started
+    by a launcher (`torchrun --nnodes ...`, `deepspeed --hostfile ...`), whose WORLD_SIZE counts."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1 shards the optimizer state, 2 also the gradients, 3 also the parameters
+    (and the reference model)."""
+    offload_optimizer: str = "none"
+    """DeepSpeed: none | cpu (optimizer state and step in CPU memory; ZeRO-Offload)."""
+    offload_params: str = "none"
+    """DeepSpeed ZeRO-3: none | cpu (parameters live in CPU memory between uses)."""
+    deepspeed_config: str | None = None
+    """PATH of your own DeepSpeed JSON config, merged key by key over the one generated from this section
+    ("auto" keeps the generated value); its own "optimizer" / "scheduler" replace ours."""
 
 
 @dataclass
@@ -353,7 +367,8 @@ def validate(cfg: DictConfig) -> None:
     _check(
         p, t.optimizer in ("rmsprop", "adamw"), f"trainer.optimizer={t.optimizer}: choose rmsprop or adamw"
     )
-    _check(p, t.engine == "single", f"trainer.engine={t.engine}: only `single` is available")
+    _check(p, t.engine in ("single", "deepspeed"), f"trainer.engine={t.engine}: choose single or deepspeed")
+    _validate_deepspeed(cfg, p)
     _check(p, t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device}: choose auto, cpu or cuda")
     _check(p, t.lr_warmup_steps >= 0, f"trainer.lr_warmup_steps={t.lr_warmup_steps}: must be >= 0")
     _check(p, t.microbatch_size_examples >= 1, "trainer.microbatch_size_examples: must be >= 1")
@@ -440,6 +455,47 @@ def validate(cfg: DictConfig) -> None:
         )
     if p:
         raise ConfigError("; ".join(p))
+
+
+def _validate_deepspeed(cfg: DictConfig, p: list[str]) -> None:
+    """The DeepSpeed keys of `trainer`; the global batch must split evenly over micro-batches and ranks."""
+    t = cfg.trainer
+    from dpo_cli.distributed import expected_world_size  # imported here: it imports this module
+
+    _check(p, t.num_processes >= 1, f"trainer.num_processes={t.num_processes}: must be >= 1")
+    _check(
+        p,
+        t.engine == "deepspeed" or t.num_processes == 1,
+        f"trainer.num_processes={t.num_processes} needs DeepSpeed: add trainer=zero2 or trainer=zero3",
+    )
+    _check(p, t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage={t.zero_stage}: choose 0, 1, 2 or 3")
+    for key in ("offload_optimizer", "offload_params"):
+        _check(p, t[key] in ("none", "cpu"), f"trainer.{key}={t[key]}: choose none or cpu")
+    _check(
+        p,
+        t.offload_params == "none" or t.zero_stage == 3,
+        f"trainer.offload_params=cpu needs trainer.zero_stage=3, not {t.zero_stage}",
+    )
+    _check(
+        p,
+        not t.deepspeed_config or Path(t.deepspeed_config).is_file(),
+        f"trainer.deepspeed_config={t.deepspeed_config}: no such file",
+    )
+    if t.engine != "deepspeed":
+        return
+    world = expected_world_size(cfg)
+    _check(
+        p,
+        t.microbatch_size_examples >= 1 and t.batch_size_examples % (t.microbatch_size_examples * world) == 0,
+        f"trainer.batch_size_examples={t.batch_size_examples} must be a multiple of "
+        f"trainer.microbatch_size_examples={t.microbatch_size_examples} x {world} ranks "
+        "(trainer.num_processes x nodes)",
+    )
+    _check(
+        p,
+        t.nan_policy == "stop",
+        "trainer.nan_policy=skip_batch is for trainer=single; DeepSpeed runs stop on a non-finite loss",
+    )
 
 
 def _validate_winrate(cfg: DictConfig, p: list[str]) -> None:

@@ -2,11 +2,16 @@
 
 A stage hands over a model, tokenized examples and `loss_fn(model, batch) -> (loss, metrics)`; metrics are
 per-batch means (floats) that the loop averages over micro-batches weighted by examples.
+
+With `trainer.engine=deepspeed` the same loop runs on every rank (dpo_cli/distributed.py starts them): the
+model is a DeepSpeed ZeRO engine, each rank trains on its share of every global batch (the same examples
+per optimizer step as one process), and DeepSpeed averages the gradients, clips and steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import random
 import shutil
@@ -20,15 +25,19 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_cli import distributed
 from dpo_cli.checkpoints import (
     TRAINER_STATE,
     keep_newest,
     latest_resumable,
+    load_deepspeed_resumable,
     restore_rng,
     rng_state,
+    save_deepspeed_resumable,
     save_model,
     save_resumable,
 )
@@ -52,13 +61,39 @@ def seed_everything(seed: int) -> None:
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "final", "checkpoints", "wandb", "wandb_run_id")
 
 
-def prepare_run(cfg: DictConfig, run_dir: Path) -> torch.device:
-    """Make the run dir ready without losing anything: refuse to clobber an earlier run unless told
-    (`overwrite=true` replaces it, `resume=true` continues it), then fix threads and seeds."""
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> list[Path]:
+    """Refuse to clobber an earlier run unless told (`overwrite=true` replaces it, `resume=true` continues
+    it); returns the earlier run's files."""
     previous = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
     if cfg.resume:
         if (run_dir / "final").exists():
             raise ConfigError(f"{run_dir} finished already (final/ exists): nothing to resume")
+    elif previous and not cfg.overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run: pass resume=true to continue it, overwrite=true to replace it, "
+            "or run_name=NAME for a new run dir"
+        )
+    return previous
+
+
+def prepare_run(cfg: DictConfig, run_dir: Path) -> torch.device:
+    """Make the run dir ready without losing anything (`check_run_dir`), then fix threads and seeds.
+    Under DeepSpeed rank 0 alone touches the run dir while the other ranks wait."""
+    if distributed.is_main():
+        _prepare_run_dir(cfg, run_dir)
+    distributed.barrier()
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    if device.type == "cuda" and distributed.world_size() > 1:
+        device = torch.device("cuda", distributed.local_rank())
+    return device
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    previous = check_run_dir(cfg, run_dir)
+    if cfg.resume:
         checkpoint = latest_resumable(run_dir)
         step = torch.load(checkpoint / TRAINER_STATE, weights_only=False)["step"] if checkpoint else 0
         print(
@@ -75,22 +110,15 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> torch.device:
                     if json.loads(line)["step"] <= step
                 ]
                 log.write_text("".join(kept))
-    elif previous and not cfg.overwrite:
-        raise ConfigError(
-            f"{run_dir} already holds a run: pass resume=true to continue it, overwrite=true to replace it, "
-            "or run_name=NAME for a new run dir"
-        )
-    elif previous:
+    else:
         for path in previous:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    seed_everything(cfg.seed)
-    return resolve_device(cfg.trainer.device)
 
 
 def finish(run_dir: Path, next_command: str, why: str, *, carry_overrides: bool = True) -> None:
     """Tell the user what the run wrote and what to run next (with the overrides that locate this run)."""
+    if not distributed.is_main():
+        return
     written = ", ".join(
         sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if p.name[0] != ".")
     )
@@ -120,6 +148,8 @@ def train_batches(
     seed: int,
     by_prompt: bool,
     skip: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[Batch]:
     """Endless shuffled micro-batches, epoch after epoch; the last partial micro-batch of an epoch is dropped.
 
@@ -127,17 +157,23 @@ def train_batches(
     prompt share a batch and their common completions are scored once (the paper's App. B batching).
     The order depends on `seed` alone; `skip` drops that many micro-batches without building them (resume).
     Each batch carries `example_ids`, its examples' indices, to name them when something goes wrong.
+    With several ranks, every rank walks the same order and takes every `world_size`-th micro-batch
+    (from its `rank`-th on), so one optimizer step sees the examples one process would.
     """
     generator = torch.Generator().manual_seed(seed)
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, example in enumerate(examples):
         groups[example.prompt_ids if by_prompt else (i,)].append(i)
     members = list(groups.values())
+    position = 0
     while True:
         order = [i for g in torch.randperm(len(members), generator=generator).tolist() for i in members[g]]
         for start in range(0, len(order) - microbatch_size + 1, microbatch_size):
             if skip > 0:
                 skip -= 1
+                continue
+            position += 1
+            if (position - 1) % world_size != rank:
                 continue
             ids = order[start : start + microbatch_size]
             yield collate([examples[i] for i in ids], pad_token_id) | {"example_ids": torch.tensor(ids)}
@@ -205,6 +241,94 @@ def _interruptible() -> Iterator[_Interrupt]:
         signal.signal(signal.SIGINT, previous)
 
 
+def make_optimizer(t: DictConfig, params: list, lr: float, *, offload: bool = False) -> torch.optim.Optimizer:
+    """RMSprop (the paper's) or AdamW; AdamW on CPU-offloaded ZeRO state is DeepSpeed's CPU Adam kernel."""
+    if t.optimizer == "adamw":
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=lr, weight_decay=t.weight_decay, adamw_mode=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    return torch.optim.RMSprop(params, lr=lr)
+
+
+def warmup(t: DictConfig) -> Callable[[int], float]:
+    """Linear warm-up from 0 then constant, as in the paper's code (App. B): the LR factor of each step."""
+    return lambda step: min(1.0, (step + 1) / (t.lr_warmup_steps + 1))
+
+
+def deepspeed_config(cfg: DictConfig, device: torch.device) -> dict:
+    return distributed.deepspeed_config(
+        cfg.trainer, world=distributed.world_size(), bf16=device.type == "cuda"
+    )
+
+
+def frozen_reference(cfg: DictConfig, model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """The frozen reference model on `device`; under ZeRO-3, sharded over the ranks like the policy (a
+    DeepSpeed engine without optimizer, whose forward passes every rank runs together)."""
+    model.to(device).eval().requires_grad_(False)
+    if not distributed.wanted(cfg):
+        return model
+    config = deepspeed_config(cfg, device)
+    if config["zero_optimization"]["stage"] != 3:
+        # The policy computes in bf16 on GPUs (DeepSpeed casts it); so does its reference.
+        return model.to(torch.bfloat16) if config.get("bf16", {}).get("enabled") else model
+    import deepspeed
+
+    reference, *_ = deepspeed.initialize(model=model, config=distributed.reference_config(config))
+    reference.eval()  # DeepSpeedEngine.eval() returns None
+    return reference
+
+
+def _deepspeed_engine(cfg: DictConfig, model: PreTrainedModel, device: torch.device):
+    """`model` wrapped in a DeepSpeed ZeRO engine with our optimizer and warm-up (unless
+    trainer.deepspeed_config brings DeepSpeed's own)."""
+    import deepspeed
+
+    t = cfg.trainer
+    config = deepspeed_config(cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    offload = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
+    optimizer = None if "optimizer" in config else make_optimizer(t, params, cfg.lr, offload=offload)
+    # A callable: DeepSpeed hands it the optimizer it ends up with.
+    scheduler = None if "scheduler" in config else functools.partial(LambdaLR, lr_lambda=warmup(t))
+    ds_engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
+    if ds_engine.train_batch_size() != t.batch_size_examples:
+        raise ConfigError(
+            f"trainer.deepspeed_config gives train_batch_size={ds_engine.train_batch_size()}, but "
+            f"trainer.batch_size_examples={t.batch_size_examples}; make them agree"
+        )
+    return ds_engine
+
+
+def _full_state_dict(ds_engine) -> dict[str, torch.Tensor] | None:
+    """The full fp32 weights on CPU on rank 0 (None on the others), gathered from the ZeRO shards (the
+    optimizer's fp32 master copy). A collective: every rank calls it."""
+    from deepspeed import zero
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = ds_engine.module
+    main = distributed.is_main()
+    gathered: dict[int, torch.Tensor | None] = {}
+    state: dict[str, torch.Tensor] = {}
+    # Tied weights (embeddings / LM head) appear under both names and are gathered once.
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) not in gathered:
+            full = safe_get_full_fp32_param(param)
+            if full is None:  # not trained: no fp32 master copy, but ZeRO-3 may still shard it
+                with zero.GatheredParameters([param]):
+                    full = param.detach().float().clone()
+            gathered[id(param)] = full.cpu() if main else None
+        state[name] = gathered[id(param)]
+    if not main:
+        return None
+    persistent = module.state_dict().keys()
+    state |= {name: b.cpu() for name, b in module.named_buffers() if name in persistent}
+    return state
+
+
 def train(
     cfg: DictConfig,
     run_dir: Path,
@@ -221,6 +345,7 @@ def train(
     """Train `model` in place; returns the `final/` checkpoint dir. `initial_metrics` are the held-out
     metrics at step 0 when the stage already has them."""
     t = cfg.trainer
+    ds = distributed.wanted(cfg)
     accumulation_steps = t.batch_size_examples // t.microbatch_size_examples
     steps_per_epoch = len(train_examples) // t.batch_size_examples
     if steps_per_epoch < 1:
@@ -230,24 +355,34 @@ def train(
         )
     total_steps = t.max_steps or t.num_epochs * steps_per_epoch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=t.weight_decay)
+    microbatch_size, world = t.microbatch_size_examples, distributed.world_size()
+    if ds:
+        # From here on `model` is the DeepSpeed engine: forward, backward and step go through it.
+        model = _deepspeed_engine(cfg, model, device)
+        accumulation_steps = model.gradient_accumulation_steps()  # per rank
+        microbatch_size = model.train_micro_batch_size_per_gpu()
     else:
-        optimizer = torch.optim.RMSprop(params, lr=cfg.lr)
-    # Linear warm-up from 0 then constant, as in the paper's code (App. B).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / (t.lr_warmup_steps + 1))
-    )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(t, params, cfg.lr)
+        scheduler = LambdaLR(optimizer, warmup(t))
 
     start_step = 0
     resume_from = latest_resumable(run_dir) if cfg.resume else None
     if resume_from is not None:
         state = torch.load(resume_from / TRAINER_STATE, weights_only=False)
-        model.load_state_dict(type(model).from_pretrained(resume_from).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
+        written_by = (state.get("engine", "single"), state.get("world_size", 1))
+        if written_by != (t.engine, world):
+            raise ConfigError(
+                f"{resume_from} was written by trainer.engine={written_by[0]} with {written_by[1]} rank(s); "
+                f"resume with the same trainer and number of ranks (now {t.engine}, {world})"
+            )
+        if ds:
+            load_deepspeed_resumable(model, resume_from)
+        else:
+            model.load_state_dict(type(model).from_pretrained(resume_from).state_dict())
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            restore_rng(state["rng"])
         if frontier is not None:
             frontier.first_prompt_rewards = state["frontier_first_prompt_rewards"]
         start_step = state["step"]
@@ -257,35 +392,49 @@ def train(
     def save(step: int) -> Path:
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
+            "engine": t.engine,
+            "world_size": world,
             "frontier_first_prompt_rewards": frontier.first_prompt_rewards if frontier else None,
         }
-        path = save_resumable(model, tokenizer, run_dir / "checkpoints" / f"step-{step}", state)
-        keep_newest(run_dir, t.keep_checkpoints)
+        path = run_dir / "checkpoints" / f"step-{step}"
+        if ds:
+            save_deepspeed_resumable(model, path, state)
+        else:
+            state |= {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+            }
+            save_resumable(model, tokenizer, path, state)
+        if distributed.is_main():
+            keep_newest(run_dir, t.keep_checkpoints)
         return path
 
-    def non_finite(what: str, step: int, batch: Batch) -> None:
+    def non_finite(what: str, batch: Batch, *, step: int) -> None:
         if t.nan_policy == "skip_batch":
             return
-        prompts = sorted(
-            {tokenizer.decode(train_examples[i].prompt_ids) for i in batch["example_ids"].tolist()}
-        )
+        example_ids = [i for ids in distributed.gather(batch["example_ids"].tolist()) for i in ids]
+        prompts = sorted({tokenizer.decode(train_examples[i].prompt_ids) for i in example_ids})
         last_good = latest_resumable(run_dir) or "none (set trainer.save_every_steps)"
         raise RunStopped(
-            f"step {step}: {what} is not finite on training examples {batch['example_ids'].tolist()} "
+            f"step {step}: {what} is not finite on training examples {example_ids} "
             f"(prompts {prompts[:3]}); last good checkpoint: {last_good}; "
-            "trainer.nan_policy=skip_batch drops such batches instead"
+            + (
+                "DeepSpeed runs stop on it"
+                if ds
+                else "trainer.nan_policy=skip_batch drops such batches instead"
+            )
         )
 
     batches = train_batches(
         train_examples,
-        t.microbatch_size_examples,
+        microbatch_size,
         tokenizer.pad_token_id,
         seed=cfg.seed,
         by_prompt=t.batch_by_prompt,
-        skip=start_step * accumulation_steps,
+        skip=start_step * accumulation_steps * world,
+        rank=distributed.rank(),
+        world_size=world,
     )
     skipped_batches = 0
     progress = tqdm(
@@ -300,30 +449,42 @@ def train(
         for step in progress:
             model.train()
             started = time.perf_counter()
-            parts, finite = [], True
-            for _ in range(accumulation_steps):
-                batch = to_device(next(batches), device)
-                loss, metrics = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    non_finite("the loss", step, batch)
-                    finite = False
-                    continue
-                (loss / accumulation_steps).backward()
-                parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            if finite and not torch.isfinite(grad_norm):
-                non_finite("the gradient norm", step, batch)
-                finite = False
-            lr = scheduler.get_last_lr()[0]
-            if finite:
-                optimizer.step()
-                scheduler.step()
+            if ds:
+                lr = model.get_lr()[0]
+                parts, grad_norm = _deepspeed_step(
+                    model,
+                    batches,
+                    accumulation_steps,
+                    loss_fn,
+                    device,
+                    functools.partial(non_finite, step=step),
+                )
+                train_metrics = distributed.mean_over_ranks(parts)
             else:
-                skipped_batches += 1
-            # Free the gradients now: the next forward needs the memory.
-            optimizer.zero_grad(set_to_none=True)
+                parts, finite = [], True
+                for _ in range(accumulation_steps):
+                    batch = to_device(next(batches), device)
+                    loss, metrics = loss_fn(model, batch)
+                    if not torch.isfinite(loss):
+                        non_finite("the loss", batch, step=step)
+                        finite = False
+                        continue
+                    (loss / accumulation_steps).backward()
+                    parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                if finite and not torch.isfinite(grad_norm):
+                    non_finite("the gradient norm", batch, step=step)
+                    finite = False
+                lr = scheduler.get_last_lr()[0]
+                if finite:
+                    optimizer.step()
+                    scheduler.step()
+                else:
+                    skipped_batches += 1
+                # Free the gradients now: the next forward needs the memory.
+                optimizer.zero_grad(set_to_none=True)
+                train_metrics = mean_metrics(parts) if parts else {}
 
-            train_metrics = mean_metrics(parts) if parts else {}
             progress.set_postfix(
                 {k: f"{v:.3f}" for k, v in train_metrics.items() if k in ("loss", "rewards/accuracies")}
             )
@@ -345,8 +506,41 @@ def train(
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
             if t.save_every_steps and step % t.save_every_steps == 0 and step != total_steps:
                 save(step)
-            if interrupted.requested:
+            # Under DeepSpeed every rank must stop at the same step (the save above is a collective).
+            if distributed.any_true(interrupted.requested) if ds else interrupted.requested:
                 kept = save(step)
                 raise RunStopped(f"interrupted: saved {kept} (step {step}); continue with resume=true")
 
+    if ds:
+        state_dict = _full_state_dict(model)
+        final = run_dir / "final"
+        if distributed.is_main():
+            save_model(model.module, tokenizer, final, state_dict)
+        distributed.barrier()
+        return final
     return save_model(model, tokenizer, run_dir / "final")
+
+
+def _deepspeed_step(
+    ds_engine,
+    batches: Iterator[Batch],
+    accumulation_steps: int,
+    loss_fn: LossFn,
+    device: torch.device,
+    non_finite,
+) -> tuple[list[tuple[int, dict[str, float]]], torch.Tensor]:
+    """One optimizer step on this rank's micro-batches; DeepSpeed scales each loss by 1/accumulation_steps,
+    averages the gradients over the ranks, clips and steps (with the warm-up) on the last micro-batch."""
+    parts = []
+    for _ in range(accumulation_steps):
+        batch = to_device(next(batches), device)
+        loss, metrics = loss_fn(ds_engine, batch)
+        if not distributed.all_true(bool(torch.isfinite(loss))):  # every rank stops, or none
+            non_finite("the loss", batch)
+        ds_engine.backward(loss)
+        ds_engine.step()
+        parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
+    grad_norm = torch.tensor(float(ds_engine.get_global_grad_norm()))
+    if not torch.isfinite(grad_norm):  # the same norm on every rank
+        non_finite("the gradient norm", batch)
+    return parts, grad_norm

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_cli.data.batches import TokenizedExample, collate
+from dpo_cli.distributed import is_main
 from dpo_cli.logps import token_logps
 from dpo_cli.rewards import RewardFn
 from dpo_cli.sampling import Samples, sample
@@ -125,8 +126,9 @@ class FrontierEvaluator:
                 samples.prompts, samples.completions, rewards.tolist(), log_ratios.tolist(), strict=True
             )
         ]
-        with self.samples_file.open("a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        if is_main():  # every rank samples the same rows (same seed); rank 0 writes them
+            with self.samples_file.open("a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
         return metrics, rows
 
 

@@ -30,9 +30,16 @@ def _netrc_has_wandb() -> bool:
 
 
 class RunLogger:
-    """Writes config.yaml once, then one JSON line per `log` call; mirrors both to wandb."""
+    """Writes config.yaml once, then one JSON line per `log` call; mirrors both to wandb. Under DeepSpeed
+    only rank 0 writes and logs; on the other ranks every call does nothing."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
+        from dpo_cli.distributed import is_main
+
+        self.enabled = is_main()
+        self.wandb_run = None
+        if not self.enabled:
+            return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -61,6 +68,8 @@ class RunLogger:
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
@@ -78,6 +87,8 @@ class RunLogger:
         self.wandb_run.log({"eval/samples": table}, step=step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.metrics_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()

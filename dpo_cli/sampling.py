@@ -8,6 +8,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_cli.distributed import synced_generation
+
 
 @dataclass
 class Samples:
@@ -58,6 +60,7 @@ def sample(
                 num_return_sequences=1 if greedy else num_samples,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced_generation(model),
             )
             if greedy:
                 generated = generated.repeat_interleave(num_samples, dim=0)

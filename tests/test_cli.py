@@ -70,9 +70,12 @@ def test_every_shipped_yaml_composes_and_validates(stage, group, option):
     GlobalHydra.instance().clear()
     validate(cfg)
     assert cfg.stage == stage
-    selected_by = {"trainer": "engine", "experiment": None, "reward": None}.get(group, "name")
+    selected_by = {"trainer": None, "experiment": None, "reward": None}.get(group, "name")
     if selected_by:
         assert cfg[group][selected_by] == option
+    if group == "trainer":  # single, or DeepSpeed ZeRO at the stage the file names
+        assert cfg.trainer.engine == ("single" if option == "single" else "deepspeed")
+        assert option == "single" or cfg.trainer.zero_stage == int(option.removeprefix("zero"))
 
 
 def test_dpo_stage_rejects_the_sft_loss():

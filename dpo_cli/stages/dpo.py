@@ -135,7 +135,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     policy, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
     ref_model, _ = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
     policy.to(device)
-    ref_model.to(device).eval().requires_grad_(False)
+    ref_model = engine.frozen_reference(cfg, ref_model, device)  # ZeRO-3: sharded over the ranks
 
     train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"dpo: {len(train)} training and {len(held_out)} held-out examples (loss={cfg.loss.name})")

@@ -35,7 +35,9 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
     model.to(device)
     # The frontier's KL is measured against the model SFT starts from, kept frozen.
-    initial_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.eval.num_prompts else None
+    initial_model = (
+        engine.frozen_reference(cfg, copy.deepcopy(model), device) if cfg.eval.num_prompts else None
+    )
 
     train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"sft: {len(train)} training and {len(held_out)} held-out sequences")
