@@ -271,6 +271,19 @@ class WinrateConfig:
 
 
 @dataclass
+class RefConfig:
+    """The frozen reference model of the preference stages (the SFT checkpoint)."""
+
+    precompute: bool = True
+    """Score every unique training and held-out sequence with the reference once before training and cache
+    the log-probs on disk (exact: the reference is frozen and has no dropout in eval mode); training then
+    never runs the reference. false: score each batch online."""
+    cache_dir: str = "${output_root}/ref_cache"
+    """Where precomputed reference log-probs live, one entry per (reference checkpoint, numerics, token
+    ids) hash: every job of a sweep after the first reads it."""
+
+
+@dataclass
 class Config:
     stage: str = MISSING
     """Set by the stage word: `dpo-run <stage>` appends `stage=<stage>` after your overrides."""
@@ -318,6 +331,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     winrate: WinrateConfig = field(default_factory=WinrateConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)

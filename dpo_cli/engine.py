@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import random
 import shutil
@@ -48,6 +49,7 @@ from dpo_cli.logging import RunLogger
 from dpo_cli.models import resolve_device
 
 Batch = dict[str, torch.Tensor]
+RefTable = dict[tuple[tuple[int, ...], tuple[int, ...]], float]
 CONSOLE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward", "reward_delta", "kl")
 LossFn = Callable[[PreTrainedModel, Batch], tuple[torch.Tensor, dict[str, float]]]
 
@@ -135,9 +137,45 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def make_batches(examples: list[TokenizedExample], batch_size: int, pad_token_id: int) -> list[Batch]:
+def make_batches(
+    examples: list[TokenizedExample], batch_size: int, pad_token_id: int, ref_logps: RefTable | None = None
+) -> list[Batch]:
     """Fixed, in-order batches (eval): the same examples in the same batches at every eval point."""
-    return [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
+    return [
+        collate(examples[i : i + batch_size], pad_token_id, ref_logps)
+        for i in range(0, len(examples), batch_size)
+    ]
+
+
+def total_steps(t: DictConfig, num_examples: int) -> int:
+    """Optimizer steps of the run: trainer.max_steps, else trainer.num_epochs epochs."""
+    steps_per_epoch = num_examples // t.batch_size_examples
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"{num_examples} training examples cannot fill one batch of "
+            f"trainer.batch_size_examples={t.batch_size_examples}"
+        )
+    return t.max_steps or t.num_epochs * steps_per_epoch
+
+
+def batch_order(
+    examples: list[TokenizedExample], microbatch_size: int, *, seed: int, by_prompt: bool
+) -> Iterator[list[int]]:
+    """Endless shuffled micro-batches of example indices, epoch after epoch; the last partial micro-batch
+    of an epoch is dropped. The order depends on `seed` alone.
+
+    With `by_prompt`, prompts are shuffled and each prompt's examples stay adjacent, so the pairs of one
+    prompt share a batch and their common completions are scored once (the paper's App. B batching).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, example in enumerate(examples):
+        groups[example.prompt_ids if by_prompt else (i,)].append(i)
+    members = list(groups.values())
+    while True:
+        order = [i for g in torch.randperm(len(members), generator=generator).tolist() for i in members[g]]
+        for start in range(0, len(order) - microbatch_size + 1, microbatch_size):
+            yield order[start : start + microbatch_size]
 
 
 def train_batches(
@@ -150,33 +188,28 @@ def train_batches(
     skip: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    ref_logps: RefTable | None = None,
 ) -> Iterator[Batch]:
-    """Endless shuffled micro-batches, epoch after epoch; the last partial micro-batch of an epoch is dropped.
+    """The micro-batches of `batch_order`, collated; `skip` drops that many without building them (resume).
 
-    With `by_prompt`, prompts are shuffled and each prompt's examples stay adjacent, so the pairs of one
-    prompt share a batch and their common completions are scored once (the paper's App. B batching).
-    The order depends on `seed` alone; `skip` drops that many micro-batches without building them (resume).
     Each batch carries `example_ids`, its examples' indices, to name them when something goes wrong.
     With several ranks, every rank walks the same order and takes every `world_size`-th micro-batch
     (from its `rank`-th on), so one optimizer step sees the examples one process would.
+    With `ref_logps` (precomputed reference log-probs), each batch carries its rows' `ref_logps`.
     """
-    generator = torch.Generator().manual_seed(seed)
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, example in enumerate(examples):
-        groups[example.prompt_ids if by_prompt else (i,)].append(i)
-    members = list(groups.values())
-    position = 0
-    while True:
-        order = [i for g in torch.randperm(len(members), generator=generator).tolist() for i in members[g]]
-        for start in range(0, len(order) - microbatch_size + 1, microbatch_size):
-            if skip > 0:
-                skip -= 1
-                continue
-            position += 1
-            if (position - 1) % world_size != rank:
-                continue
-            ids = order[start : start + microbatch_size]
-            yield collate([examples[i] for i in ids], pad_token_id) | {"example_ids": torch.tensor(ids)}
+    order = batch_order(examples, microbatch_size, seed=seed, by_prompt=by_prompt)
+    for position, ids in enumerate(itertools.islice(order, skip, None)):
+        if position % world_size == rank:
+            batch = collate([examples[i] for i in ids], pad_token_id, ref_logps)
+            yield batch | {"example_ids": torch.tensor(ids)}
+
+
+def visited_examples(examples: list[TokenizedExample], cfg: DictConfig) -> list[TokenizedExample]:
+    """The training examples a run of `cfg` will see, in its data order (all ranks together)."""
+    t = cfg.trainer
+    microbatches = total_steps(t, len(examples)) * (t.batch_size_examples // t.microbatch_size_examples)
+    order = batch_order(examples, t.microbatch_size_examples, seed=cfg.seed, by_prompt=t.batch_by_prompt)
+    return [examples[i] for ids in itertools.islice(order, microbatches) for i in ids]
 
 
 def mean_metrics(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -341,19 +374,15 @@ def train(
     logger: RunLogger,
     device: torch.device,
     initial_metrics: dict[str, float] | None = None,
+    ref_logps: RefTable | None = None,
 ) -> Path:
     """Train `model` in place; returns the `final/` checkpoint dir. `initial_metrics` are the held-out
-    metrics at step 0 when the stage already has them."""
+    metrics at step 0 when the stage already has them; `ref_logps` (precomputed reference log-probs by
+    sequence) go into every training batch."""
     t = cfg.trainer
     ds = distributed.wanted(cfg)
     accumulation_steps = t.batch_size_examples // t.microbatch_size_examples
-    steps_per_epoch = len(train_examples) // t.batch_size_examples
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"{len(train_examples)} training examples cannot fill one batch of "
-            f"trainer.batch_size_examples={t.batch_size_examples}"
-        )
-    total_steps = t.max_steps or t.num_epochs * steps_per_epoch
+    num_steps = total_steps(t, len(train_examples))
 
     microbatch_size, world = t.microbatch_size_examples, distributed.world_size()
     if ds:
@@ -435,14 +464,15 @@ def train(
         skip=start_step * accumulation_steps * world,
         rank=distributed.rank(),
         world_size=world,
+        ref_logps=ref_logps,
     )
     skipped_batches = 0
     progress = tqdm(
-        range(start_step + 1, total_steps + 1),
+        range(start_step + 1, num_steps + 1),
         desc=f"{cfg.stage} ({cfg.loss.name})",
         unit="step",
         initial=start_step,
-        total=total_steps,
+        total=num_steps,
     )
     # Ctrl-C finishes the step in flight, saves a resumable checkpoint and stops (twice: stop at once).
     with _interruptible() as interrupted:
@@ -488,7 +518,7 @@ def train(
             progress.set_postfix(
                 {k: f"{v:.3f}" for k, v in train_metrics.items() if k in ("loss", "rewards/accuracies")}
             )
-            if step % cfg.logger.log_every_steps == 0 or step == total_steps:
+            if step % cfg.logger.log_every_steps == 0 or step == num_steps:
                 elapsed = time.perf_counter() - started
                 logged = {f"train/{k}": v for k, v in train_metrics.items()}
                 logged |= {
@@ -500,11 +530,11 @@ def train(
                 if t.nan_policy == "skip_batch":
                     logged["train/skipped_batches"] = skipped_batches
                 logger.log(logged, step=step)
-            if step % t.eval_every_steps == 0 or step == total_steps:
+            if step % t.eval_every_steps == 0 or step == num_steps:
                 eval_metrics = eval_point(model, step, eval_batches, loss_fn, frontier, logger, device)
                 shown = {k: v for k, v in eval_metrics.items() if k.split("/", 1)[1] in CONSOLE_METRICS}
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-            if t.save_every_steps and step % t.save_every_steps == 0 and step != total_steps:
+            if t.save_every_steps and step % t.save_every_steps == 0 and step != num_steps:
                 save(step)
             # Under DeepSpeed every rank must stop at the same step (the save above is a collective).
             if distributed.any_true(interrupted.requested) if ds else interrupted.requested:

@@ -7,6 +7,8 @@ SUM over the completion's tokens, with prompt and padding tokens excluded (label
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100
 
@@ -48,3 +50,52 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     per_token, _ = token_logps(logits, labels)
     return per_token.sum(dim=-1)
+
+
+def model_token_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps` of a batch under `model`, without the (B, T, V) logits.
+
+    The LM head runs only on positions that predict a label (prompt and padding positions need no
+    logits: in the sentiment task that is a third of them), `chunk_tokens` rows at a time, so at most one
+    (chunk_tokens, V) fp32 block exists at once in the forward pass; with gradients on, each block is
+    recomputed in backward (activation checkpointing of the head) instead of being kept alive. Models
+    whose logits are not a plain linear head of the last hidden state (a DeepSpeed engine, logit scaling
+    or soft-capping) take the plain path.
+    """
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    config = getattr(model, "config", None)
+    plain = (
+        head is None
+        or not isinstance(head, torch.nn.Linear)
+        or getattr(config, "final_logit_softcapping", None)
+        or getattr(config, "logit_scale", None)
+    )
+    if plain:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_logps(logits, batch["labels"])
+    hidden = model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    selected_hidden, selected_labels = hidden[:, :-1][mask], labels[mask]
+    parts = []
+    for start in range(0, len(selected_labels), chunk_tokens):
+        h, y = selected_hidden[start : start + chunk_tokens], selected_labels[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_head_logps, head, h, y, use_reentrant=False))
+        else:
+            parts.append(_head_logps(head, h, y))
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    if parts:
+        per_token = per_token.masked_scatter(mask, torch.cat(parts))
+    return per_token, mask
+
+
+def _head_logps(head: torch.nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # fp32 for the same reason as in token_logps; logsumexp instead of log_softmax: only the label column
+    # of the (N, V) block is needed.
+    logits = head(hidden).float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

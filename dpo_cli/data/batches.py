@@ -59,7 +59,13 @@ def tokenize_examples(
     return out
 
 
-def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    examples: list[TokenizedExample],
+    pad_token_id: int,
+    ref_logps: dict[tuple[tuple[int, ...], tuple[int, ...]], float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The batch of `examples`; with `ref_logps` (precomputed reference log-probs by sequence), also
+    `ref_logps`, the reference log-prob of each unique row."""
     rows: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     index = [[rows.setdefault((ex.prompt_ids, c), len(rows)) for c in ex.completion_ids] for ex in examples]
     num_completions = max(len(i) for i in index)
@@ -75,13 +81,16 @@ def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, to
     # Ragged K (rankings of different lengths) pads `index` with row 0 and masks it out.
     index_mask = torch.tensor([[k < len(i) for k in range(num_completions)] for i in index])
     index_tensor = torch.tensor([i + [0] * (num_completions - len(i)) for i in index])
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "index": index_tensor,
         "index_mask": index_mask,
     }
+    if ref_logps is not None:
+        batch["ref_logps"] = torch.tensor([ref_logps[row] for row in rows], dtype=torch.float32)
+    return batch
 
 
 def tokenize_splits(

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from dpo_cli import engine
 from dpo_cli.config import PREFERENCE_LOSSES, ConfigError, LossConfig
@@ -18,7 +17,7 @@ from dpo_cli.data import example_splits, pair_view, ranked_view
 from dpo_cli.data.batches import tokenize_splits
 from dpo_cli.evaluate import make_frontier
 from dpo_cli.logging import RunLogger
-from dpo_cli.logps import token_logps
+from dpo_cli.logps import model_token_logps
 from dpo_cli.losses import (
     plackett_luce_loss,
     preference_loss,
@@ -26,6 +25,7 @@ from dpo_cli.losses import (
     unlikelihood_loss_from_token_logps,
 )
 from dpo_cli.models import load_model
+from dpo_cli.reference import precomputed_table, score_sequences, unique_sequences
 
 
 def find_sft_checkpoint(cfg: DictConfig) -> Path:
@@ -49,24 +49,24 @@ def find_sft_checkpoint(cfg: DictConfig) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def forward_logps(model, batch: engine.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and label mask of the batch's unique sequences."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_logps(logits, batch["labels"])
-
-
 @torch.no_grad()
 def reference_logps(ref_model, batch: engine.Batch) -> torch.Tensor:
     """(N,) log-probs of the batch's unique sequences under the frozen reference."""
-    per_token, mask = forward_logps(ref_model, batch)
+    per_token, mask = model_token_logps(ref_model, batch)
     return (per_token * mask).sum(-1)
 
 
 def make_loss_fn(loss_cfg: LossConfig, ref_model) -> engine.LossFn:
+    """Batches carry `ref_logps` when the reference was precomputed; otherwise `ref_model` scores them."""
+
     def loss_fn(policy, batch: engine.Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        per_token, mask = forward_logps(policy, batch)
-        ref_sequence = batch["ref_logps"] if "ref_logps" in batch else reference_logps(ref_model, batch)
-        return objective(loss_cfg, batch, per_token, mask, ref_sequence)
+        per_token, mask = model_token_logps(policy, batch)
+        precomputed = "ref_logps" in batch
+        ref_sequence = batch["ref_logps"] if precomputed else reference_logps(ref_model, batch)
+        loss, metrics = objective(loss_cfg, batch, per_token, mask, ref_sequence)
+        # Sequences through a model per example: TRL's pairwise path runs 2 policy + 2 reference.
+        forward_sequences = len(batch["input_ids"]) * (1 if precomputed else 2)
+        return loss, metrics | {"forward_sequences_per_pair": forward_sequences / len(batch["index"])}
 
     return loss_fn
 
@@ -133,29 +133,38 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     device = engine.prepare_run(cfg, run_dir)
     print(f"dpo: policy init and reference = {sft_dir}")
     policy, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
-    ref_model, _ = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
     policy.to(device)
-    ref_model = engine.frozen_reference(cfg, ref_model, device)  # ZeRO-3: sharded over the ranks
-
     train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"dpo: {len(train)} training and {len(held_out)} held-out examples (loss={cfg.loss.name})")
-    eval_batches = engine.make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
-    # The reference is frozen: score the held-out batches once instead of at every eval point. The policy
-    # starts as the reference, so the same pass gives the step-0 metrics.
-    initial_parts = []
-    with torch.no_grad():
-        for batch in tqdm(eval_batches, desc="reference", unit="batch", leave=False):
-            on_device = engine.to_device(batch, device)
-            per_token, mask = forward_logps(ref_model, on_device)
-            ref_sequence = (per_token * mask).sum(-1)
-            batch["ref_logps"] = ref_sequence.cpu()
-            loss, metrics = objective(cfg.loss, on_device, per_token, mask, ref_sequence)
-            initial_parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
-    initial_metrics = {f"eval/{k}": v for k, v in engine.mean_metrics(initial_parts).items()}
+
+    def load_reference():
+        model, _ = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
+        return engine.frozen_reference(cfg, model, device)  # ZeRO-3: sharded over the ranks
+
+    # The reference is frozen, so its log-probs of the held-out batches are computed once (not at every
+    # eval point), and with ref.precompute those of the training data too: then it is loaded only to
+    # score a cache miss or to measure the KL of samples at the frontier's eval points.
+    pad = tokenizer.pad_token_id
+    ref_model = load_reference() if not cfg.ref.precompute or cfg.eval.num_prompts else None
+    if cfg.ref.precompute:
+        ref_table = precomputed_table(
+            lambda: ref_model if ref_model is not None else load_reference(),
+            sft_dir,
+            engine.visited_examples(train, cfg) + held_out,
+            cache_dir=Path(cfg.ref.cache_dir),
+            numerics=f"{cfg.model.dtype}|{device.type}|{cfg.trainer.engine}",
+            pad_token_id=pad,
+            device=device,
+        )
+    else:
+        sequences = unique_sequences(held_out)
+        logps = score_sequences(ref_model, sequences, pad, device)
+        ref_table = dict(zip(sequences, logps.tolist(), strict=True))
+    eval_batches = engine.make_batches(held_out, cfg.trainer.microbatch_size_examples, pad, ref_table)
 
     loss_fn = make_loss_fn(cfg.loss, ref_model)
     logger = RunLogger(cfg, run_dir)
-    frontier = make_frontier(cfg, eval_records, tokenizer, ref_model, run_dir)
+    frontier = None if ref_model is None else make_frontier(cfg, eval_records, tokenizer, ref_model, run_dir)
     engine.train(
         cfg,
         run_dir,
@@ -167,7 +176,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         frontier,
         logger,
         device,
-        initial_metrics,
+        ref_logps=ref_table if cfg.ref.precompute else None,
     )
     logger.close()
     engine.finish(run_dir, "dpo-run -m dpo beta=0.05,0.1,1,5", "a beta sweep traces the reward/KL frontier")

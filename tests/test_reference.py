@@ -1,0 +1,197 @@
+"""Performance paths that must not change the math: precomputed (cached) reference log-probs, scoring
+shared completions once, and the chunked LM-head log-probs."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dpo_cli.cli import main
+from dpo_cli.config import LossConfig, ModelConfig
+from dpo_cli.data.batches import TokenizedExample, collate, tokenize_examples
+from dpo_cli.logging import read_metrics
+from dpo_cli.logps import model_token_logps, token_logps
+from dpo_cli.models import load_model
+from dpo_cli.reference import precomputed_table, score_sequences, unique_sequences
+from dpo_cli.stages.dpo import make_loss_fn
+
+
+def tiny_model(seed: int = 0):
+    return load_model(OmegaConf.structured(ModelConfig(name="tiny")), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    model, tokenizer = tiny_model()
+    path = tmp_path_factory.mktemp("ckpt") / "final"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _examples(tokenizer, max_length_tokens: int = 64) -> list[TokenizedExample]:
+    # 4 completions per prompt and all 6 pairs of each: the paper's sentiment layout.
+    completions = [" good", " bad film", " great, loved it", " dull"]
+    examples = [
+        (f"Film {p} was", [completions[i], completions[j]])
+        for p in range(3)
+        for i in range(4)
+        for j in range(i + 1, 4)
+    ]
+    return tokenize_examples(
+        examples, tokenizer, max_prompt_length_tokens=32, max_length_tokens=max_length_tokens
+    )
+
+
+def test_chunked_head_logps_equal_full_logits_and_gradients():
+    model, _ = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 250, (4, 12), generator=gen)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 9:] = -100  # a shorter row: right padding
+    attention = (labels != -100) | (torch.arange(12) < 5)
+    batch = {"input_ids": ids, "attention_mask": attention.long(), "labels": labels}
+
+    full, full_mask = token_logps(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, labels)
+    chunked, chunked_mask = model_token_logps(model, batch, chunk_tokens=5)  # 5 does not divide 24 tokens
+    assert torch.equal(full_mask, chunked_mask)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
+    params = list(model.parameters())
+    full_grads, chunked_grads = (
+        torch.autograd.grad(full.sum(), params),
+        torch.autograd.grad(chunked.sum(), params),
+    )
+    for a, b in zip(full_grads, chunked_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_completions_give_the_plain_pairwise_loss_and_gradients():
+    """Scoring each unique completion once and gathering pairs by index (paper App. B) is exact: same loss
+    and gradients as putting every pair's two sequences through the model."""
+    model, tokenizer = tiny_model()
+    examples = _examples(tokenizer)
+    shared = collate(examples, tokenizer.pad_token_id)
+    assert len(shared["input_ids"]) == 12  # 3 prompts x 4 completions, for 18 pairs
+    plain_rows = [TokenizedExample(ex.prompt_ids, (c,)) for ex in examples for c in ex.completion_ids]
+    width = max(len(r.prompt_ids) + len(r.completion_ids[0]) for r in plain_rows)
+    # Every pair's two sequences, one row each, no de-duplication.
+    plain = {k: [] for k in ("input_ids", "attention_mask", "labels")}
+    for r in plain_rows:
+        one = collate([r], tokenizer.pad_token_id)
+        pad = width - one["input_ids"].shape[1]
+        plain["input_ids"].append(torch.nn.functional.pad(one["input_ids"], (0, pad), value=0))
+        plain["attention_mask"].append(torch.nn.functional.pad(one["attention_mask"], (0, pad), value=0))
+        plain["labels"].append(torch.nn.functional.pad(one["labels"], (0, pad), value=-100))
+    plain = {k: torch.cat(v) for k, v in plain.items()}
+    plain["index"] = torch.arange(len(plain_rows)).view(-1, 2)
+    plain["index_mask"] = torch.ones_like(plain["index"], dtype=torch.bool)
+
+    reference, _ = tiny_model(seed=1)
+    loss_fn = make_loss_fn(OmegaConf.structured(LossConfig(name="dpo", beta=0.5)), reference.eval())
+    params = list(model.parameters())
+    shared_loss, shared_metrics = loss_fn(model, shared)
+    plain_loss, plain_metrics = loss_fn(model, plain)
+    torch.testing.assert_close(shared_loss, plain_loss, atol=1e-6, rtol=0)
+    shared_grads, plain_grads = (
+        torch.autograd.grad(shared_loss, params),
+        torch.autograd.grad(plain_loss, params),
+    )
+    for a, b in zip(shared_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # 12 sequences through each of policy and reference for 18 pairs, against 4 per pair.
+    assert shared_metrics["forward_sequences_per_pair"] == pytest.approx(24 / 18)
+    assert plain_metrics["forward_sequences_per_pair"] == 4
+
+
+def _table(checkpoint: Path, examples, cache_dir: Path, calls: list[int]):
+    def load_reference():
+        calls.append(1)
+        model, _ = load_model(OmegaConf.structured(ModelConfig(name="tiny")), seed=0, checkpoint=checkpoint)
+        return model.eval()
+
+    return precomputed_table(
+        load_reference,
+        checkpoint,
+        examples,
+        cache_dir=cache_dir,
+        numerics="float32|cpu|single",
+        pad_token_id=0,
+        device=torch.device("cpu"),
+    )
+
+
+def test_reference_cache_hits_and_invalidates(tmp_path, checkpoint):
+    _, tokenizer = tiny_model()
+    examples = _examples(tokenizer)
+    calls: list[int] = []
+    table = _table(checkpoint, examples, tmp_path / "cache", calls)
+    assert len(calls) == 1 and len(table) == 12
+    # The cached values are the reference's log-probs of each sequence.
+    model, _ = load_model(OmegaConf.structured(ModelConfig(name="tiny")), seed=0, checkpoint=checkpoint)
+    sequences = unique_sequences(examples)
+    expected = score_sequences(model.eval(), sequences, 0, torch.device("cpu"), batch_size_sequences=1)
+    torch.testing.assert_close(torch.tensor([table[s] for s in sequences]), expected, atol=1e-5, rtol=0)
+
+    assert _table(checkpoint, examples, tmp_path / "cache", calls) == table
+    assert _table(checkpoint, examples[:6], tmp_path / "cache", calls) == {s: table[s] for s in sequences[:4]}
+    assert len(calls) == 1  # hits: the reference was not loaded
+
+    # Other tokenization settings (shorter completions) are other sequences: a miss; the cache grows.
+    _table(checkpoint, _examples(tokenizer, max_length_tokens=10), tmp_path / "cache", calls)
+    assert len(calls) == 2
+    [cache] = (tmp_path / "cache").iterdir()
+    assert len(list(cache.glob("part-*/logps.pt"))) == 2
+
+    # Another reference checkpoint (same path, new weights): a miss, and new values.
+    other, _ = tiny_model(seed=7)
+    changed = checkpoint.parent / "changed"
+    other.save_pretrained(changed)
+    tokenizer.save_pretrained(changed)
+    new_table = _table(changed, examples, tmp_path / "cache", calls)
+    assert len(calls) == 3
+    assert new_table.keys() == table.keys() and new_table != table
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_cached_and_uncached_runs_give_identical_losses(tmp_path, checkpoint):
+    common = [
+        "model=tiny",
+        "logger=none",
+        f"sft_checkpoint={checkpoint}",
+        f"output_root={tmp_path}",
+        "trainer.max_steps=4",
+        "trainer.eval_every_steps=2",
+        "data.max_eval_examples=16",
+        "eval.num_prompts=2",
+        "eval.max_new_tokens=4",
+        "lr=1e-3",
+    ]
+    for precompute in ("true", "false", "true"):  # the second cached run reads the cache
+        main(
+            [
+                "dpo",
+                *common,
+                f"ref.precompute={precompute}",
+                f"run_name=precompute_{precompute}",
+                "overwrite=true",
+            ]
+        )
+        metrics = read_metrics(tmp_path / "default" / "dpo" / f"precompute_{precompute}")
+        if precompute == "false":
+            uncached = metrics
+        else:
+            cached = metrics
+    assert (tmp_path / "ref_cache").is_dir()
+    for key in ("train/loss", "eval/loss", "eval/rewards/margins", "eval/kl"):
+        a = [m[key] for m in cached if key in m]
+        b = [m[key] for m in uncached if key in m]
+        assert len(a) == len(b) >= 2
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), key
+    assert all(math.isfinite(m["train/loss"]) for m in cached if "train/loss" in m)
+    forward = [m["train/forward_sequences_per_pair"] for m in cached if "train/loss" in m]
+    online = [m["train/forward_sequences_per_pair"] for m in uncached if "train/loss" in m]
+    assert forward == pytest.approx([x / 2 for x in online])
