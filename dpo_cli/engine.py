@@ -164,8 +164,9 @@ def batch_order(
     """Endless shuffled micro-batches of example indices, epoch after epoch; the last partial micro-batch
     of an epoch is dropped. The order depends on `seed` alone.
 
-    With `by_prompt`, prompts are shuffled and each prompt's examples stay adjacent, so the pairs of one
-    prompt share a batch and their common completions are scored once (the paper's App. B batching).
+    With `by_prompt`, prompts are shuffled and packed whole into micro-batches (`pack_groups`), so the
+    pairs of one prompt share a batch and their common completions are scored once (the paper's App. B
+    batching: 4 completions make 6 pairs, 4 sequences instead of 12).
     """
     generator = torch.Generator().manual_seed(seed)
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -173,9 +174,49 @@ def batch_order(
         groups[example.prompt_ids if by_prompt else (i,)].append(i)
     members = list(groups.values())
     while True:
-        order = [i for g in torch.randperm(len(members), generator=generator).tolist() for i in members[g]]
-        for start in range(0, len(order) - microbatch_size + 1, microbatch_size):
-            yield order[start : start + microbatch_size]
+        yield from pack_groups(
+            [members[g] for g in torch.randperm(len(members), generator=generator)], microbatch_size
+        )
+
+
+def pack_groups(groups: list[list[int]], size: int, lookahead: int = 64) -> Iterator[list[int]]:
+    """Micro-batches of exactly `size` items that split as few groups as possible: each batch takes the
+    next group plus whole groups among the next `lookahead` that fill it exactly (a small subset sum), or
+    else fills up first-fit and splits one group. Every item appears once; a last partial batch is
+    dropped."""
+    pending = [list(g) for g in groups]
+    batch: list[int] = []
+    while pending:
+        chosen = _exact_fill([len(g) for g in pending[:lookahead]], size - len(batch))
+        if chosen is not None:
+            batch += [i for k in chosen for i in pending[k]]
+            pending = [g for k, g in enumerate(pending) if k not in chosen]
+        else:
+            space = size - len(batch)
+            fit = next((k for k, g in enumerate(pending[:lookahead]) if len(g) <= space), None)
+            if fit is None:
+                batch += pending[0][:space]
+                pending[0] = pending[0][space:]
+            else:
+                batch += pending.pop(fit)
+        if len(batch) == size:
+            yield batch
+            batch = []
+
+
+def _exact_fill(sizes: list[int], space: int) -> list[int] | None:
+    """Indices of groups, the first included, whose sizes sum to `space`; None if there are none."""
+    if not sizes or sizes[0] > space:
+        return None
+    # reach[total] = indices summing to total (first found), over groups 1.. after group 0.
+    reach: dict[int, list[int]] = {sizes[0]: [0]}
+    for k in range(1, len(sizes)):
+        if space in reach:
+            break
+        for total, picked in list(reach.items()):
+            if total + sizes[k] <= space and total + sizes[k] not in reach:
+                reach[total + sizes[k]] = [*picked, k]
+    return reach.get(space)
 
 
 def train_batches(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dpo_cli.data.batches import tokenize_examples
-from dpo_cli.engine import train_batches
+from dpo_cli.engine import pack_groups, train_batches
 from dpo_cli.logging import wandb_mode
 from dpo_cli.models import tiny_tokenizer
 
@@ -62,3 +62,16 @@ def test_wheel_ships_the_config_tree_and_the_embedded_data(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"dpo_cli/conf/config.yaml", "dpo_cli/conf/stage/dpo.yaml", "dpo_cli/conf/loss/dpo.yaml"} <= names
     assert {"dpo_cli/data/sentiment/records.jsonl", "dpo_cli/data/sentiment/openings.jsonl"} <= names
+
+
+def test_pack_groups_fills_batches_exactly_and_splits_groups_only_when_it_must():
+    sizes = [6, 5, 3, 6, 4, 6, 6, 3, 5, 4]  # 48 items in 10 groups
+    start = itertools.accumulate([0, *sizes])
+    groups = [list(range(s, s + n)) for s, n in zip(start, sizes, strict=False)]
+    batches = list(pack_groups(groups, 12))
+    assert [len(b) for b in batches] == [12, 12, 12, 12]
+    assert sorted(i for b in batches for i in b) == list(range(48))  # each item once
+    split = [g for g in groups if len({k for k, b in enumerate(batches) for i in b if i in g}) > 1]
+    assert split == []  # 6+6, 6+6, 5+3+4, 3+5+4: every group fits whole
+    # Groups larger than a batch are cut, and a last partial batch is dropped.
+    assert [len(b) for b in pack_groups([list(range(7)), [7, 8]], 4)] == [4, 4]
