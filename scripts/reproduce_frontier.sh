@@ -7,13 +7,16 @@
 #
 #   bash scripts/reproduce_frontier.sh                                   # the embedded task (~40 min, 2 cores)
 #   bash scripts/reproduce_frontier.sh model=tiny trainer.max_steps=2    # smoke run: wiring only
-#   bash scripts/reproduce_frontier.sh experiment=imdb_frontier_paper    # the paper's setup, on GPUs
+#   bash scripts/reproduce_frontier.sh experiment=imdb_frontier_paper data=jsonl data.path=RECORDS
+#                                            # the paper's setup, on GPUs (see its preset for the RECORDS)
 # Extra arguments are Hydra overrides added to every command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 run() { echo "+ dpo-run $*" >&2; "$python" -m dpo_cli.cli "$@"; }
-common=(experiment=sentiment_frontier "$@")
+# The embedded task unless the arguments name another experiment preset.
+common=("$@")
+[[ " $* " == *" experiment="* ]] || common=(experiment=sentiment_frontier "$@")
 job=$("$python" -m dpo_cli.cli dpo "${common[@]}" --cfg job)
 exp=$(sed -n 's/^exp_name: //p' <<<"$job")
 root=$(sed -n 's/^output_root: //p' <<<"$job")/$exp

@@ -7,7 +7,33 @@ from pathlib import Path
 
 import pytest
 
+from dpo_cli.config import validate
+from tests.test_adapters import compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "model", "data", "reward"),
+    [
+        ("sentiment_frontier", "smollm2_135m", "sentiment", "vader"),
+        ("imdb_frontier_paper", "gpt2_large", "imdb", "hf_classifier"),
+    ],
+)
+def test_frontier_presets_compose(experiment, model, data, reward):
+    for stage in ("sft", "dpo", "eval"):
+        cfg = compose_config(f"experiment={experiment}", f"stage={stage}")
+        validate(cfg)
+        assert (cfg.exp_name, cfg.model.name, cfg.data.name, cfg.reward.name) == (
+            experiment,
+            model,
+            data,
+            reward,
+        )
+    assert cfg.eval.num_prompts >= 24
+    if experiment == "imdb_frontier_paper":  # App. C.1: siebert reward, all 6 pairs, App. B optimisation
+        assert "siebert" in cfg.reward.model_name_or_path and cfg.data.min_reward_gap == 0
+        assert (cfg.trainer.batch_size_examples, cfg.trainer.optimizer, cfg.beta) == (64, "rmsprop", 0.1)
 
 
 @pytest.mark.slow
