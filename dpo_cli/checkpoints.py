@@ -60,6 +60,17 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return _commit(tmp, path)
 
 
+def torch_save_atomically(obj: Any, path: Path) -> Path:
+    """torch.save into `.tmp-<name>` beside `path`, fsync, then rename: readers see all of it or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.save(obj, tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    return path
+
+
 def save_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

@@ -113,8 +113,8 @@ class TrainerConfig:
     """Optimizer steps to train for; None = `num_epochs` passes over the training data."""
     num_epochs: int = 1
     """Passes over the training data when `max_steps` is None."""
-    max_grad_norm: float = 10.0
-    """Global gradient-norm clip (the paper's code clips at 10)."""
+    max_grad_norm: float | None = 10.0
+    """Global gradient-norm clip (the paper's code clips at 10); null: no clipping."""
     eval_every_steps: int = 100
     """Held-out metrics every this many optimizer steps (and at step 0 and at the end)."""
     save_every_steps: int | None = None

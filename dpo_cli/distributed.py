@@ -285,7 +285,7 @@ def deepspeed_config(t: DictConfig, *, world: int, bf16: bool) -> dict[str, Any]
         "train_batch_size": t.batch_size_examples,
         "train_micro_batch_size_per_gpu": t.microbatch_size_examples,
         "gradient_accumulation_steps": t.batch_size_examples // (t.microbatch_size_examples * world),
-        "gradient_clipping": t.max_grad_norm,
+        "gradient_clipping": t.max_grad_norm or 0.0,  # 0: no clipping
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         # Our optimizers are torch's RMSprop / AdamW (the paper's RMSprop has no DeepSpeed kernel).

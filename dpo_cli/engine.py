@@ -47,6 +47,7 @@ from dpo_cli.data.batches import TokenizedExample, collate
 from dpo_cli.evaluate import FrontierEvaluator
 from dpo_cli.logging import RunLogger
 from dpo_cli.models import resolve_device
+from dpo_cli.optim import make_optimizer, optimizer_and_schedule, warmup
 
 Batch = dict[str, torch.Tensor]
 RefTable = dict[tuple[tuple[int, ...], tuple[int, ...]], float]
@@ -315,22 +316,6 @@ def _interruptible() -> Iterator[_Interrupt]:
         signal.signal(signal.SIGINT, previous)
 
 
-def make_optimizer(t: DictConfig, params: list, lr: float, *, offload: bool = False) -> torch.optim.Optimizer:
-    """RMSprop (the paper's) or AdamW; AdamW on CPU-offloaded ZeRO state is DeepSpeed's CPU Adam kernel."""
-    if t.optimizer == "adamw":
-        if offload:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            return DeepSpeedCPUAdam(params, lr=lr, weight_decay=t.weight_decay, adamw_mode=True)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
-    return torch.optim.RMSprop(params, lr=lr)
-
-
-def warmup(t: DictConfig) -> Callable[[int], float]:
-    """Linear warm-up from 0 then constant, as in the paper's code (App. B): the LR factor of each step."""
-    return lambda step: min(1.0, (step + 1) / (t.lr_warmup_steps + 1))
-
-
 def deepspeed_config(cfg: DictConfig, device: torch.device) -> dict:
     return distributed.deepspeed_config(
         cfg.trainer, world=distributed.world_size(), bf16=device.type == "cuda"
@@ -433,8 +418,7 @@ def train(
         microbatch_size = model.train_micro_batch_size_per_gpu()
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(t, params, cfg.lr)
-        scheduler = LambdaLR(optimizer, warmup(t))
+        optimizer, scheduler = optimizer_and_schedule(t, params, cfg.lr)
 
     start_step = 0
     resume_from = latest_resumable(run_dir) if cfg.resume else None
@@ -542,7 +526,7 @@ def train(
                         continue
                     (loss / accumulation_steps).backward()
                     parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
                 if finite and not torch.isfinite(grad_norm):
                     non_finite("the gradient norm", batch, step=step)
                     finite = False

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_cli.checkpoints import torch_save_atomically
 from dpo_cli.data.batches import TokenizedExample, collate
 from dpo_cli.distributed import is_main
 from dpo_cli.logps import token_logps
@@ -78,6 +79,9 @@ class FrontierEvaluator:
         self.reference, self.reward_fn = reference, reward_fn
         self.samples_file = Path(run_dir) / "samples.jsonl"
         self.first_prompt_rewards: torch.Tensor | None = None
+        # Where the step-0 point is cached when the step-0 model is the reference itself (DPO from its
+        # SFT checkpoint): every job of a sweep starts from the same samples, so they are drawn once.
+        self.reference_point_file: Path | None = None
 
     def sample_and_score(self, model: PreTrainedModel, num_samples: int) -> tuple[Samples, torch.Tensor]:
         e = self.cfg
@@ -98,6 +102,22 @@ class FrontierEvaluator:
 
     def __call__(self, model: PreTrainedModel, step: int) -> tuple[dict[str, float], list[dict]]:
         """Metrics of this point and its sample rows (also appended to samples.jsonl)."""
+        cached = self.reference_point_file if step == 0 else None
+        if cached is not None and cached.is_file():
+            saved = torch.load(cached, weights_only=False)
+            metrics, rows = saved["metrics"], saved["rows"]
+            self.first_prompt_rewards = saved["prompt_rewards"]
+        else:
+            metrics, rows = self.point(model, step)
+            if cached is not None and is_main():
+                entry = {"metrics": metrics, "rows": rows, "prompt_rewards": self.first_prompt_rewards}
+                torch_save_atomically(entry, cached)
+        if is_main():  # every rank samples the same rows (same seed); rank 0 writes them
+            with self.samples_file.open("a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        return metrics, rows
+
+    def point(self, model: PreTrainedModel, step: int) -> tuple[dict[str, float], list[dict]]:
         k = self.cfg.samples_per_prompt
         samples, rewards = self.sample_and_score(model, k)
         pad = self.tokenizer.pad_token_id
@@ -126,9 +146,6 @@ class FrontierEvaluator:
                 samples.prompts, samples.completions, rewards.tolist(), log_ratios.tolist(), strict=True
             )
         ]
-        if is_main():  # every rank samples the same rows (same seed); rank 0 writes them
-            with self.samples_file.open("a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
         return metrics, rows
 
 

@@ -86,18 +86,16 @@ def score_sequences(
 
 def precomputed_table(
     load_reference,
-    checkpoint: Path,
     examples: list[TokenizedExample],
     *,
-    cache_dir: Path,
-    numerics: str,
+    directory: Path,
     pad_token_id: int,
     device: torch.device,
 ) -> Table:
-    """log pi_ref of every unique sequence of `examples`: read from the cache, the missing ones scored with
-    `load_reference()` (called only when some are missing) and added to it. Under DeepSpeed every rank
-    scores (a ZeRO-3 reference needs all of them) and rank 0 writes."""
-    directory = cache_dir_for(cache_dir, checkpoint_fingerprint(checkpoint), numerics)
+    """log pi_ref of every unique sequence of `examples`: read from the reference's cache `directory`
+    (`cache_dir_for`), the missing ones scored with `load_reference()` (called only when some are missing)
+    and added to it. Under DeepSpeed every rank scores (a ZeRO-3 reference needs all of them) and rank 0
+    writes."""
     sequences = unique_sequences(examples)
     cached = read_cache(directory)
     missing = [s for s in sequences if s not in cached]

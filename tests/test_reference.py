@@ -14,7 +14,13 @@ from dpo_cli.data.batches import TokenizedExample, collate, tokenize_examples
 from dpo_cli.logging import read_metrics
 from dpo_cli.logps import model_token_logps, token_logps
 from dpo_cli.models import load_model
-from dpo_cli.reference import precomputed_table, score_sequences, unique_sequences
+from dpo_cli.reference import (
+    cache_dir_for,
+    checkpoint_fingerprint,
+    precomputed_table,
+    score_sequences,
+    unique_sequences,
+)
 from dpo_cli.stages.dpo import make_loss_fn
 
 
@@ -112,15 +118,9 @@ def _table(checkpoint: Path, examples, cache_dir: Path, calls: list[int]):
         model, _ = load_model(OmegaConf.structured(ModelConfig(name="tiny")), seed=0, checkpoint=checkpoint)
         return model.eval()
 
-    return precomputed_table(
-        load_reference,
-        checkpoint,
-        examples,
-        cache_dir=cache_dir,
-        numerics="float32|cpu|single",
-        pad_token_id=0,
-        device=torch.device("cpu"),
-    )
+    directory = cache_dir_for(cache_dir, checkpoint_fingerprint(checkpoint), "float32|cpu|single")
+    cpu = torch.device("cpu")
+    return precomputed_table(load_reference, examples, directory=directory, pad_token_id=0, device=cpu)
 
 
 def test_reference_cache_hits_and_invalidates(tmp_path, checkpoint):
@@ -170,21 +170,21 @@ def test_cached_and_uncached_runs_give_identical_losses(tmp_path, checkpoint):
         "eval.max_new_tokens=4",
         "lr=1e-3",
     ]
-    for precompute in ("true", "false", "true"):  # the second cached run reads the cache
-        main(
-            [
-                "dpo",
-                *common,
-                f"ref.precompute={precompute}",
-                f"run_name=precompute_{precompute}",
-                "overwrite=true",
-            ]
-        )
-        metrics = read_metrics(tmp_path / "default" / "dpo" / f"precompute_{precompute}")
-        if precompute == "false":
-            uncached = metrics
-        else:
-            cached = metrics
+    runs = {}
+    for name, precompute in (("first", "true"), ("online", "false"), ("cached", "true")):
+        main(["dpo", *common, f"ref.precompute={precompute}", f"run_name={name}"])
+        runs[name] = tmp_path / "default" / "dpo" / name
+    cached, uncached = read_metrics(runs["cached"]), read_metrics(runs["online"])
+
+    # The third run read its reference log-probs and its step-0 frontier point from the cache, and wrote the
+    # same metrics and samples as the first, which computed them.
+    def untimed(metrics):
+        return [{k: v for k, v in m.items() if k != "train/examples_per_second"} for m in metrics]
+
+    assert untimed(read_metrics(runs["first"])) == untimed(cached)
+    first_samples = (runs["first"] / "samples.jsonl").read_text()
+    assert first_samples == (runs["cached"] / "samples.jsonl").read_text()
+    assert len(list((tmp_path / "ref_cache").glob("*/frontier-*.pt"))) == 1
     assert (tmp_path / "ref_cache").is_dir()
     for key in ("train/loss", "eval/loss", "eval/rewards/margins", "eval/kl"):
         a = [m[key] for m in cached if key in m]

@@ -6,6 +6,8 @@ example's completions, gathered by index from the batch's unique sequences (pape
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -25,7 +27,13 @@ from dpo_cli.losses import (
     unlikelihood_loss_from_token_logps,
 )
 from dpo_cli.models import load_model
-from dpo_cli.reference import precomputed_table, score_sequences, unique_sequences
+from dpo_cli.reference import (
+    cache_dir_for,
+    checkpoint_fingerprint,
+    precomputed_table,
+    score_sequences,
+    unique_sequences,
+)
 
 
 def find_sft_checkpoint(cfg: DictConfig) -> Path:
@@ -146,13 +154,13 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     # score a cache miss or to measure the KL of samples at the frontier's eval points.
     pad = tokenizer.pad_token_id
     ref_model = load_reference() if not cfg.ref.precompute or cfg.eval.num_prompts else None
+    numerics = f"{cfg.model.dtype}|{device.type}|{cfg.trainer.engine}"
+    cache = cache_dir_for(Path(cfg.ref.cache_dir), checkpoint_fingerprint(sft_dir), numerics)
     if cfg.ref.precompute:
         ref_table = precomputed_table(
             lambda: ref_model if ref_model is not None else load_reference(),
-            sft_dir,
             engine.visited_examples(train, cfg) + held_out,
-            cache_dir=Path(cfg.ref.cache_dir),
-            numerics=f"{cfg.model.dtype}|{device.type}|{cfg.trainer.engine}",
+            directory=cache,
             pad_token_id=pad,
             device=device,
         )
@@ -165,6 +173,11 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     loss_fn = make_loss_fn(cfg.loss, ref_model)
     logger = RunLogger(cfg, run_dir)
     frontier = None if ref_model is None else make_frontier(cfg, eval_records, tokenizer, ref_model, run_dir)
+    if frontier is not None and cfg.ref.precompute:
+        # The policy starts as the reference: its step-0 point is the same in every job of a sweep.
+        setup = OmegaConf.to_container(cfg.eval) | {"reward": OmegaConf.to_container(cfg.reward)}
+        key = hashlib.sha256(json.dumps([setup, frontier.prompts], sort_keys=True).encode()).hexdigest()
+        frontier.reference_point_file = cache / f"frontier-{key[:24]}.pt"
     engine.train(
         cfg,
         run_dir,

@@ -1,0 +1,389 @@
+"""Benchmark `dpo-run dpo` against TRL 1.16's DPOTrainer, side by side, on the CPU.
+
+Each side runs in its own fresh subprocess: peak RSS per side from os.wait4 (the parent imports no torch,
+so no high-water mark is inherited), with the same threads (torch.set_num_threads, OMP/MKL_NUM_THREADS),
+fp32, the same weights (our `load_model` preset saved once with save_pretrained; ours loads it as
+`sft_checkpoint=DIR`, TRL with from_pretrained for policy and reference), AdamW (weight decay 0; ours:
+torch.optim.AdamW, TRL: its default adamw_torch_fused), a constant lr without warm-up, max_grad_norm 10,
+8 pairs per optimizer step (no accumulation), beta 0.1, sigmoid loss. Ours runs as the product
+(`python -m dpo_cli.cli dpo ...`). TRL trains on the exact token ids our product trains on, in our
+product's order (dpo_cli.engine.train_batches, same seed), through `train_sampling_strategy="sequential"`.
+
+identical: synthetic pairs, every prompt + completion exactly 64 tokens (16 + 48 with EOS), no shared
+  completions, the reference online on both sides (ours: ref.precompute=false, batch_by_prompt=false).
+  Per side: median s/step after the warm-up steps (ours: batch / train/examples_per_second of
+  metrics.jsonl; TRL: on_step_begin..on_step_end), non-pad tokens/s, peak RSS, the first 5 per-step losses
+  (must agree within 1e-3 relative), MFU = 8 * N * tokens per step (6N policy fwd+bwd, 2N reference fwd;
+  N = parameters, the tied LM head counted once) / s_per_step / fp32 torch.mm peak measured on 2048^2.
+epoch: the embedded ranked sentiment records (4 responses per opening, all 6 pairs, min_reward_gap=0),
+  one epoch over a fixed number of pairs, each side in its best supported configuration: ours with its
+  defaults (ref.precompute, batch_by_prompt=true, an empty ref.cache_dir); TRL with
+  precompute_ref_log_probs=True and no reference model (padding_free is unavailable in TRL 1.16: it warns
+  and falls back to padding). train_seconds runs from "policy loaded" (ours: its "dpo: N training ..."
+  line; TRL: a marker line) to "trained model saved" (ours: its "wrote ..." line), stamped by the parent as
+  each side prints them: it includes loading the reference, precomputing it and, for ours, two 8-pair
+  held-out evaluations.
+Each side also reports other_cpu_load: cores busy with other processes while it ran (/proc/stat minus the
+side's own CPU time). Above 0.25 its timings are not trustworthy: run on an idle machine.
+
+Run from the repo root (trl: `.venv/bin/pip install -c scripts/constraints.txt -e '.[bench]'`):
+    .venv/bin/python scripts/bench_vs_trl.py --model tiny
+    .venv/bin/python scripts/bench_vs_trl.py --model smollm2_135m --workload both --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH, PROMPT_TOKENS, SEQUENCE_TOKENS, EVAL_PAIRS = 8, 16, 64, 8
+# model: (lr, identical warm-up steps, identical timed steps, epoch pairs: a multiple of 24). The lr moves
+# the losses enough in 5 steps that the 1e-3 loss agreement tests the data order.
+DEFAULTS = {"tiny": (1e-3, 5, 30, 480), "smollm2_135m": (5e-6, 5, 10, 192)}
+
+
+def busy_seconds() -> float:
+    """CPU seconds spent busy by all cores since boot (/proc/stat), 0 where it cannot be read."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def run_child(cmd: list[str], log: Path, threads: int) -> dict:
+    """Run `cmd` to its end; its wall time, peak RSS, the other processes' CPU load, its stdout markers."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+    env |= dict(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env |= dict(WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    start, busy, marks = time.perf_counter(), busy_seconds(), {}
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for line in proc.stdout:
+            f.write(line)
+            now = time.perf_counter() - start
+            if line.startswith("BENCH loaded") or (line.startswith("dpo: ") and " training and " in line):
+                marks.setdefault("loaded", now)
+            if line.startswith(("BENCH saved", "wrote ")):
+                marks["saved"] = now
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(
+            f"bench_vs_trl: {' '.join(cmd[:5])} ... failed ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        )
+    other = max(0.0, busy_seconds() - busy - usage.ru_utime - usage.ru_stime) / wall
+    window = marks["saved"] - marks["loaded"] if len(marks) == 2 else wall
+    return {"wall": wall, "window": window, "rss_mib": usage.ru_maxrss / 1024, "other_load": other}
+
+
+# ---------------------------------------------------------------- prep (child): model, data, our order
+def synthetic_records(tokenizer, n_train: int, rng: random.Random) -> list[dict]:
+    """Distinct pairs: prompts of 16 tokens, completions of 47 (+ EOS) as our product tokenizes them."""
+    words = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    one_token = [w for w in words if w.strip().isalpha() and w.isascii() and len(tokenizer.tokenize(w)) == 1]
+    spaced = [w for w in one_token if w.startswith(" ")]  # " word" pieces never merge with their neighbours
+    pool = spaced if len(spaced) >= 100 else one_token  # tiny's byte tokenizer: a letter per token
+    specials = len(tokenizer("")["input_ids"])  # BOS, if the tokenizer adds one
+    seen: set[str] = set()
+
+    def text(n: int, special: bool) -> str:
+        while True:
+            t = "".join(rng.choice(pool) for _ in range(n - specials * special))
+            if t not in seen and len(tokenizer(t, add_special_tokens=special)["input_ids"]) == n:
+                seen.add(t)
+                return t
+
+    completion = SEQUENCE_TOKENS - PROMPT_TOKENS - 1
+    records = [{"prompt": text(PROMPT_TOKENS, True)} for _ in range(n_train + EVAL_PAIRS)]
+    for i, r in enumerate(records):
+        r |= {"chosen": text(completion, False), "rejected": text(completion, False)}
+        r["split"] = "train" if i < n_train else "test"
+    return records
+
+
+def sentiment_subset(pairs: int) -> list[dict]:
+    """Training openings whose 4 rewards all differ (6 pairs each), plus a few held-out ones."""
+    from dpo_cli.data import SHIPPED_SENTIMENT
+
+    records = [json.loads(line) for line in SHIPPED_SENTIMENT.read_text().splitlines()]
+    train = [r for r in records if r.get("split") != "test" and len(set(r["rewards"])) == 4]
+    return train[: pairs // 6] + [r for r in records if r.get("split") == "test"][:4]
+
+
+def our_order(cfg, tokenizer, steps: int | None, by_prompt: bool) -> list[dict]:
+    """The pairs our product's optimizer steps see, in order, as token ids: what TRL is given."""
+    from dpo_cli.data import example_splits, pair_view
+    from dpo_cli.data.batches import tokenize_splits
+    from dpo_cli.engine import train_batches
+
+    splits = example_splits(cfg.data, lambda r: pair_view(r, min_reward_gap=cfg.data.min_reward_gap))[:2]
+    train, _ = tokenize_splits(splits, tokenizer, cfg.data)
+    batches = train_batches(train, BATCH, tokenizer.pad_token_id, seed=cfg.seed, by_prompt=by_prompt)
+    ids = [i for _ in range(steps or len(train) // BATCH) for i in next(batches)["example_ids"].tolist()]
+    return [
+        {
+            "prompt_ids": train[i].prompt_ids,
+            "chosen_ids": train[i].completion_ids[0],
+            "rejected_ids": train[i].completion_ids[1],
+        }
+        for i in ids
+    ]
+
+
+def prep(a: argparse.Namespace, work: Path) -> None:
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from dpo_cli.config import Config, conf_dir
+    from dpo_cli.models import load_model
+
+    torch.set_num_threads(a.threads)
+    steps = a.warmup_steps + a.timed_steps
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+
+        def cfg(*overrides: str):
+            return compose("config", overrides=["stage=dpo", "loss=dpo", f"model={a.model}", *overrides])
+
+        model, tokenizer = load_model(cfg().model, seed=0)
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        model, tokenizer = load_model(cfg().model, seed=0, checkpoint=work / "model")  # as our product does
+        params = sum(p.numel() for p in model.parameters())
+        if a.workload in ("identical", "both"):
+            path = work / "identical.jsonl"
+            records = synthetic_records(tokenizer, steps * BATCH, random.Random(0))
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            rows = our_order(cfg("data=jsonl", f"data.path={path}"), tokenizer, steps, False)
+            lengths = {len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")}
+            assert lengths == {SEQUENCE_TOKENS}, f"synthetic sequences of {lengths} tokens"
+            (work / "identical_trl.json").write_text(json.dumps(rows))
+        if a.workload in ("epoch", "both"):
+            path = work / "sentiment.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in sentiment_subset(a.epoch_pairs)))
+            rows = our_order(
+                cfg("data=sentiment", f"data.path={path}", "data.min_reward_gap=0"), tokenizer, None, True
+            )
+            assert len(rows) == a.epoch_pairs, f"{len(rows)} pairs in the epoch, not {a.epoch_pairs}"
+            (work / "epoch_trl.json").write_text(json.dumps(rows))
+    x, seconds = torch.randn(2048, 2048), []
+    for _ in range(6):
+        started = time.perf_counter()
+        torch.mm(x, x)
+        seconds.append(time.perf_counter() - started)
+    has_ref = "ref" in Config.__dataclass_fields__
+    out = {"params": params, "has_ref": has_ref, "peak_flops": 2 * 2048**3 / min(seconds[1:])}
+    (work / "prep.json").write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------- TRL (child)
+def trl_side(a: argparse.Namespace, work: Path) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(a.threads)
+    rows = json.loads((work / f"{a.workload}_trl.json").read_text())
+    record = {"losses": [], "step_seconds": [], "sequences": 0, "pairs": len(rows)}
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    policy = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    print("BENCH loaded", flush=True)
+    ref = None if a.precompute else AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+
+    def count(module, args, kwargs) -> None:  # sequences through either model's backbone
+        record["sequences"] += (kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape[0]
+
+    for model in filter(None, (policy, ref)):
+        model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+
+    class Trainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset  # already tokenized: our product's prompt / chosen / rejected token ids
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:  # the exact per-step loss (the Trainer's log rounds it to 4 digits)
+                record["losses"].append((out[0] if return_outputs else out).item())
+            return out
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            record["step_seconds"].append(time.perf_counter() - self.started)
+
+    config = dict(output_dir=str(work / f"trl_{a.workload}"), per_device_train_batch_size=BATCH, seed=0)
+    config |= dict(max_steps=len(rows) // BATCH, learning_rate=a.lr, lr_scheduler_type="constant")
+    config |= dict(warmup_steps=0, weight_decay=0.0, max_grad_norm=10.0, beta=0.1, loss_type=["sigmoid"])
+    config |= dict(precompute_ref_log_probs=a.precompute, max_length=None, bf16=False, use_cpu=True)
+    config |= dict(gradient_checkpointing=False)  # TRL's default is on; ours has none
+    config |= dict(train_sampling_strategy="sequential")  # our product's order, as written by prep
+    config |= dict(logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
+    config, dataset = DPOConfig(**config), Dataset.from_list(rows)
+    trainer = Trainer(
+        policy, ref, config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()]
+    )
+    record["precompute_sequences"] = record["sequences"]  # __init__ ran the precompute pass, if any
+    trainer.train()
+    trainer.save_model(str(work / f"trl_{a.workload}" / "final"))
+    print("BENCH saved", flush=True)
+    (work / f"trl_{a.workload}.json").write_text(json.dumps(record))
+
+
+# ---------------------------------------------------------------- parent
+def ours(a: argparse.Namespace, work: Path, name: str, extra: str) -> tuple[dict, list[dict]]:
+    overrides = (
+        f"sft_checkpoint={work / 'model'} model={a.model} loss=dpo beta=0.1 lr={a.lr} seed=0 "
+        f"trainer.optimizer=adamw trainer.weight_decay=0 trainer.lr_warmup_steps=0 trainer.max_grad_norm=10 "
+        f"trainer.batch_size_examples={BATCH} trainer.microbatch_size_examples={BATCH} trainer.device=cpu "
+        f"trainer.eval_every_steps=100000 trainer.num_threads={a.threads} eval.num_prompts=0 "
+        f"data.max_eval_examples={EVAL_PAIRS} logger=none output_root={work / ('ours_' + name)} "
+        f"exp_name=bench run_name={name} {extra}"
+    )
+    cmd = [sys.executable, "-m", "dpo_cli.cli", "dpo", *overrides.split()]
+    run = run_child(cmd, work / f"ours_{name}.log", a.threads)
+    (path,) = (work / f"ours_{name}").rglob("metrics.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return run, sorted((r for r in rows if "train/loss" in r), key=lambda r: r["step"])
+
+
+def trl(a: argparse.Namespace, work: Path, name: str, precompute: bool) -> tuple[dict, dict]:
+    args = (
+        f"--stage trl --workdir {work} --workload {name} --model {a.model} --threads {a.threads} --lr {a.lr}"
+    )
+    cmd = [sys.executable, __file__, *args.split(), *(["--precompute"] if precompute else [])]
+    run = run_child(cmd, work / f"trl_{name}.log", a.threads)
+    return run, json.loads((work / f"trl_{name}.json").read_text())
+
+
+def show(workload: str, side: str, run: dict, **figures: str) -> None:
+    for key, value in figures.items():
+        print(f"{workload} {side} {key}={value}")
+    print(f"{workload} {side} peak_rss_mib={run['rss_mib']:.0f}")
+    print(f"{workload} {side} other_cpu_load={run['other_load']:.2f}")
+    if run["other_load"] > 0.25:
+        print(f"{workload} {side} WARNING: other processes kept {run['other_load']:.1f} cores busy")
+
+
+def identical(a: argparse.Namespace, work: Path, prep_out: dict) -> tuple[float, float]:
+    extra = f"data=jsonl data.path={work / 'identical.jsonl'} trainer.batch_by_prompt=false "
+    extra += f"trainer.max_steps={a.warmup_steps + a.timed_steps}"
+    extra += " ref.precompute=false" if prep_out["has_ref"] else ""
+    our_run, rows = ours(a, work, "identical", extra)
+    trl_run, record = trl(a, work, "identical", precompute=False)
+    tokens = 2 * SEQUENCE_TOKENS * BATCH  # non-pad tokens per step, the same on both sides (checked in prep)
+    flops = 8 * prep_out["params"] * tokens
+    our_seconds = [BATCH / r["train/examples_per_second"] for r in rows]
+    sides = {
+        "ours": (our_run, our_seconds, [r["train/loss"] for r in rows]),
+        "trl": (trl_run, record["step_seconds"], record["losses"]),
+    }
+    medians = {}
+    for side, (run, seconds, losses) in sides.items():
+        medians[side] = s = statistics.median(seconds[a.warmup_steps :])
+        show("identical", side, run, s_per_step=f"{s:.4f}", tokens_per_s=f"{tokens / s:.1f}")
+        print(f"identical {side} mfu={flops / s / prep_out['peak_flops']:.4f}")
+        print(f"identical {side} losses_first5={' '.join(f'{x:.6f}' for x in losses[:5])}")
+    pairs = list(zip(sides["ours"][2][:5], sides["trl"][2][:5], strict=True))  # fewer with < 5 steps
+    diff = max(abs(x - y) / abs(y) for x, y in pairs)
+    moved = max(abs(y - math.log(2)) for _, y in pairs)
+    verdict = f"{'PASS' if diff < 1e-3 else 'FAIL'} (first {len(pairs)} steps"
+    print(f"identical loss_max_rel_diff={diff:.2e} {verdict}; losses move up to {moved:.4f} from ln 2)")
+    return medians["trl"] / medians["ours"], our_run["rss_mib"] / trl_run["rss_mib"]
+
+
+def epoch(a: argparse.Namespace, work: Path, prep_out: dict) -> tuple[float, float]:
+    extra = f"data=sentiment data.path={work / 'sentiment.jsonl'} data.min_reward_gap=0 "
+    extra += "trainer.max_steps=null trainer.num_epochs=1 trainer.batch_by_prompt=true"
+    if prep_out["has_ref"]:
+        extra += f" ref.cache_dir={work / 'ref_cache'}"  # an empty cache; ref.precompute: our default
+    else:
+        print("epoch NOTE: our config has no ref.* keys: ours ran with the reference online")
+    our_run, rows = ours(a, work, "epoch", extra)
+    trl_run, record = trl(a, work, "epoch", precompute=True)
+    n = a.epoch_pairs
+    print(f"epoch pairs={n} steps={n // BATCH}")
+    # Sequences through a model per pair: in the training steps (ours: its own metric) and in precompute.
+    key = "train/forward_sequences_per_pair"
+    per_step = statistics.mean(r[key] for r in rows) if all(key in r for r in rows) else math.nan
+    scored = re.search(r"reference: scored (\d+) of", (work / "ours_epoch.log").read_text())
+    trl_per_step = (record["sequences"] - record["precompute_sequences"]) / n
+    sides = {
+        "ours": (our_run, rows[-1]["train/loss"], per_step, int(scored.group(1)) if scored else 0),
+        "trl": (trl_run, record["losses"][-1], trl_per_step, record["precompute_sequences"]),
+    }
+    for side, (run, loss, per_pair, precomputed) in sides.items():
+        show("epoch", side, run, train_seconds=f"{run['window']:.2f}", process_seconds=f"{run['wall']:.2f}")
+        print(f"epoch {side} final_loss={loss:.6f}")
+        print(f"epoch {side} forward_sequences_per_pair={per_pair:.3f}")
+        print(f"epoch {side} precompute_sequences_per_pair={precomputed / n:.3f}")
+    return trl_run["window"] / our_run["window"], our_run["rss_mib"] / trl_run["rss_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(DEFAULTS), required=True)
+    p.add_argument("--workload", choices=("identical", "epoch", "both"), default="both")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, help="default: tiny 1e-3, smollm2_135m 5e-6")
+    p.add_argument("--warmup-steps", type=int, help="identical: untimed first steps (default 5)")
+    p.add_argument("--timed-steps", type=int, help="identical: timed steps (default: tiny 30, smollm2 10)")
+    p.add_argument("--epoch-pairs", type=int, help="epoch: pairs, a multiple of 24 (tiny 480, smollm2 192)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, run dirs), print its path")
+    p.add_argument("--stage", choices=("prep", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    lr, warmup, timed, pairs = DEFAULTS[a.model]
+    a.lr, a.timed_steps, a.epoch_pairs = a.lr or lr, a.timed_steps or timed, a.epoch_pairs or pairs
+    a.warmup_steps = warmup if a.warmup_steps is None else a.warmup_steps
+    if a.stage:
+        return (prep if a.stage == "prep" else trl_side)(a, a.workdir)
+    if a.epoch_pairs % 24:
+        p.error(f"--epoch-pairs={a.epoch_pairs}: must be a multiple of 24 (6 pairs per opening, 8 per step)")
+    if importlib.util.find_spec("trl") is None:
+        install = ".venv/bin/pip install -c scripts/constraints.txt 'trl==1.16.*'"
+        print(f"bench_vs_trl: trl is not installed; run `{install}`", file=sys.stderr)
+        sys.exit(2)
+    work, result = Path(tempfile.mkdtemp(prefix="bench_vs_trl-")), {}
+    try:
+        prep_cmd = [sys.executable, __file__, "--stage", "prep", "--workdir", str(work), *sys.argv[1:]]
+        run_child(prep_cmd, work / "prep.log", a.threads)
+        prep_out = json.loads((work / "prep.json").read_text())
+        print(
+            f"setup model={a.model} params={prep_out['params']} threads={a.threads} lr={a.lr} batch={BATCH}"
+        )
+        print(f"setup matmul_peak_gflops={prep_out['peak_flops'] / 1e9:.1f}")
+        for name, workload in (("identical", identical), ("epoch", epoch)):
+            if a.workload in (name, "both"):
+                result[name] = [f"{x:.3f}" for x in workload(a, work, prep_out)]
+    finally:
+        if a.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    shown = {w: result.get(w, ["n/a", "n/a"]) for w in ("identical", "epoch")}
+    print(" ".join(f"{w}_speedup={s} {w}_memory_ratio={m}" for w, (s, m) in shown.items()))
+
+
+if __name__ == "__main__":
+    main()
