@@ -5,7 +5,8 @@ so no high-water mark is inherited), with the same threads (torch.set_num_thread
 fp32, the same weights (our `load_model` preset saved once with save_pretrained; ours loads it as
 `sft_checkpoint=DIR`, TRL with from_pretrained for policy and reference), AdamW (weight decay 0; ours:
 torch.optim.AdamW, TRL: its default adamw_torch_fused), a constant lr without warm-up, max_grad_norm 10,
-8 pairs per optimizer step (no accumulation), beta 0.1, sigmoid loss. Ours runs as the product
+8 (identical) or 12 (epoch: 2 openings) pairs per optimizer step (no accumulation), beta 0.1, sigmoid
+loss. Ours runs as the product
 (`python -m dpo_cli.cli dpo ...`). TRL trains on the exact token ids our product trains on, in our
 product's order (dpo_cli.engine.train_batches, same seed), through `train_sampling_strategy="sequential"`.
 
@@ -49,7 +50,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BATCH, PROMPT_TOKENS, SEQUENCE_TOKENS, EVAL_PAIRS = 8, 16, 64, 8
+PROMPT_TOKENS, SEQUENCE_TOKENS, EVAL_PAIRS = 16, 64, 8
+# Pairs per optimizer step, the same on both sides: identical as the issue sets it; epoch 12 = 2 openings
+# x 6 pairs, so both sides see whole openings per step.
+BATCH = {"identical": 8, "epoch": 12}
 # model: (lr, identical warm-up steps, identical timed steps, epoch pairs: a multiple of 24). The lr moves
 # the losses enough in 5 steps that the 1e-3 loss agreement tests the data order.
 DEFAULTS = {"tiny": (1e-3, 5, 30, 480), "smollm2_135m": (5e-6, 5, 10, 192)}
@@ -127,7 +131,7 @@ def sentiment_subset(pairs: int) -> list[dict]:
     return train[: pairs // 6] + [r for r in records if r.get("split") == "test"][:4]
 
 
-def our_order(cfg, tokenizer, steps: int | None, by_prompt: bool) -> list[dict]:
+def our_order(cfg, tokenizer, steps: int | None, by_prompt: bool, batch: int) -> list[dict]:
     """The pairs our product's optimizer steps see, in order, as token ids: what TRL is given."""
     from dpo_cli.data import example_splits, pair_view
     from dpo_cli.data.batches import tokenize_splits
@@ -135,8 +139,8 @@ def our_order(cfg, tokenizer, steps: int | None, by_prompt: bool) -> list[dict]:
 
     splits = example_splits(cfg.data, lambda r: pair_view(r, min_reward_gap=cfg.data.min_reward_gap))[:2]
     train, _ = tokenize_splits(splits, tokenizer, cfg.data)
-    batches = train_batches(train, BATCH, tokenizer.pad_token_id, seed=cfg.seed, by_prompt=by_prompt)
-    ids = [i for _ in range(steps or len(train) // BATCH) for i in next(batches)["example_ids"].tolist()]
+    batches = train_batches(train, batch, tokenizer.pad_token_id, seed=cfg.seed, by_prompt=by_prompt)
+    ids = [i for _ in range(steps or len(train) // batch) for i in next(batches)["example_ids"].tolist()]
     return [
         {
             "prompt_ids": train[i].prompt_ids,
@@ -168,9 +172,10 @@ def prep(a: argparse.Namespace, work: Path) -> None:
         params = sum(p.numel() for p in model.parameters())
         if a.workload in ("identical", "both"):
             path = work / "identical.jsonl"
-            records = synthetic_records(tokenizer, steps * BATCH, random.Random(0))
+            records = synthetic_records(tokenizer, steps * BATCH["identical"], random.Random(0))
             path.write_text("".join(json.dumps(r) + "\n" for r in records))
-            rows = our_order(cfg("data=jsonl", f"data.path={path}"), tokenizer, steps, False)
+            data = cfg("data=jsonl", f"data.path={path}")
+            rows = our_order(data, tokenizer, steps, False, BATCH["identical"])
             lengths = {len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")}
             assert lengths == {SEQUENCE_TOKENS}, f"synthetic sequences of {lengths} tokens"
             (work / "identical_trl.json").write_text(json.dumps(rows))
@@ -178,7 +183,11 @@ def prep(a: argparse.Namespace, work: Path) -> None:
             path = work / "sentiment.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in sentiment_subset(a.epoch_pairs)))
             rows = our_order(
-                cfg("data=sentiment", f"data.path={path}", "data.min_reward_gap=0"), tokenizer, None, True
+                cfg("data=sentiment", f"data.path={path}", "data.min_reward_gap=0"),
+                tokenizer,
+                None,
+                True,
+                BATCH["epoch"],
             )
             assert len(rows) == a.epoch_pairs, f"{len(rows)} pairs in the epoch, not {a.epoch_pairs}"
             (work / "epoch_trl.json").write_text(json.dumps(rows))
@@ -231,8 +240,9 @@ def trl_side(a: argparse.Namespace, work: Path) -> None:
         def on_step_end(self, *args, **kwargs):
             record["step_seconds"].append(time.perf_counter() - self.started)
 
-    config = dict(output_dir=str(work / f"trl_{a.workload}"), per_device_train_batch_size=BATCH, seed=0)
-    config |= dict(max_steps=len(rows) // BATCH, learning_rate=a.lr, lr_scheduler_type="constant")
+    batch = BATCH[a.workload]
+    config = dict(output_dir=str(work / f"trl_{a.workload}"), per_device_train_batch_size=batch, seed=0)
+    config |= dict(max_steps=len(rows) // batch, learning_rate=a.lr, lr_scheduler_type="constant")
     config |= dict(warmup_steps=0, weight_decay=0.0, max_grad_norm=10.0, beta=0.1, loss_type=["sigmoid"])
     config |= dict(precompute_ref_log_probs=a.precompute, max_length=None, bf16=False, use_cpu=True)
     config |= dict(gradient_checkpointing=False)  # TRL's default is on; ours has none
@@ -254,7 +264,8 @@ def ours(a: argparse.Namespace, work: Path, name: str, extra: str) -> tuple[dict
     overrides = (
         f"sft_checkpoint={work / 'model'} model={a.model} loss=dpo beta=0.1 lr={a.lr} seed=0 "
         f"trainer.optimizer=adamw trainer.weight_decay=0 trainer.lr_warmup_steps=0 trainer.max_grad_norm=10 "
-        f"trainer.batch_size_examples={BATCH} trainer.microbatch_size_examples={BATCH} trainer.device=cpu "
+        f"trainer.batch_size_examples={BATCH[name]} trainer.microbatch_size_examples={BATCH[name]} "
+        "trainer.device=cpu "
         f"trainer.eval_every_steps=100000 trainer.num_threads={a.threads} eval.num_prompts=0 "
         f"data.max_eval_examples={EVAL_PAIRS} logger=none output_root={work / ('ours_' + name)} "
         f"exp_name=bench run_name={name} {extra}"
@@ -290,9 +301,10 @@ def identical(a: argparse.Namespace, work: Path, prep_out: dict) -> tuple[float,
     extra += " ref.precompute=false" if prep_out["has_ref"] else ""
     our_run, rows = ours(a, work, "identical", extra)
     trl_run, record = trl(a, work, "identical", precompute=False)
-    tokens = 2 * SEQUENCE_TOKENS * BATCH  # non-pad tokens per step, the same on both sides (checked in prep)
+    # Non-pad tokens per step, the same on both sides (checked in prep).
+    tokens = 2 * SEQUENCE_TOKENS * BATCH["identical"]
     flops = 8 * prep_out["params"] * tokens
-    our_seconds = [BATCH / r["train/examples_per_second"] for r in rows]
+    our_seconds = [BATCH["identical"] / r["train/examples_per_second"] for r in rows]
     sides = {
         "ours": (our_run, our_seconds, [r["train/loss"] for r in rows]),
         "trl": (trl_run, record["step_seconds"], record["losses"]),
@@ -321,7 +333,7 @@ def epoch(a: argparse.Namespace, work: Path, prep_out: dict) -> tuple[float, flo
     our_run, rows = ours(a, work, "epoch", extra)
     trl_run, record = trl(a, work, "epoch", precompute=True)
     n = a.epoch_pairs
-    print(f"epoch pairs={n} steps={n // BATCH}")
+    print(f"epoch pairs={n} steps={n // BATCH['epoch']}")
     # Sequences through a model per pair: in the training steps (ours: its own metric) and in precompute.
     key = "train/forward_sequences_per_pair"
     per_step = statistics.mean(r[key] for r in rows) if all(key in r for r in rows) else math.nan
@@ -359,7 +371,7 @@ def main() -> None:
     if a.stage:
         return (prep if a.stage == "prep" else trl_side)(a, a.workdir)
     if a.epoch_pairs % 24:
-        p.error(f"--epoch-pairs={a.epoch_pairs}: must be a multiple of 24 (6 pairs per opening, 8 per step)")
+        p.error(f"--epoch-pairs={a.epoch_pairs}: must be a multiple of 24 (6 pairs per opening, 12 per step)")
     if importlib.util.find_spec("trl") is None:
         install = ".venv/bin/pip install -c scripts/constraints.txt 'trl==1.16.*'"
         print(f"bench_vs_trl: trl is not installed; run `{install}`", file=sys.stderr)

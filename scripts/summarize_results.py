@@ -14,9 +14,7 @@ import csv
 import statistics
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from dpo_cli.frontier import gather_points, run_label
+from dpo_cli.frontier import gather_points
 from dpo_cli.logging import read_metrics
 
 
@@ -58,31 +56,42 @@ def seed_spreads(root: Path) -> list[str]:
 
 
 def plot_learning_curves(root: Path, out: Path) -> None:
+    """Train implicit-reward accuracy, held-out reward and fluency (reference log-prob/token) over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc_ax, reward_ax) = plt.subplots(1, 2, figsize=(13, 5))
-    for metrics_file in sorted(root.glob("dpo/multirun-*/*/metrics.jsonl")):
-        label = run_label(OmegaConf.load(metrics_file.parent / "config.yaml"))
+    fig, (acc_ax, reward_ax, fluency_ax) = plt.subplots(1, 3, figsize=(19, 5.5))
+    runs = sorted(root.glob("dpo/multirun-*/*/metrics.jsonl"))
+    colors = plt.get_cmap("tab20")
+    for k, metrics_file in enumerate(runs):
+        # The run dir name carries the method, hyperparameter and seed (dpo_beta0.1_seed1).
+        label, color = metrics_file.parent.name, colors(k % 20)
         metrics = read_metrics(metrics_file.parent)
         train = [m for m in metrics if "train/rewards/accuracies" in m]
         # A 5-step running mean: single 8-pair batches are too noisy to read.
         smoothed = [statistics.mean(m["train/rewards/accuracies"] for m in train[max(0, i - 4) : i + 1])
                     for i in range(len(train))]  # fmt: skip
-        acc_ax.plot([m["step"] for m in train], smoothed, label=label, linewidth=1)
+        acc_ax.plot([m["step"] for m in train], smoothed, label=label, linewidth=1, color=color)
         evals = [m for m in metrics if "eval/reward" in m]
-        steps, rewards = [m["step"] for m in evals], [m["eval/reward"] for m in evals]
-        errors = [m["eval/reward_se"] for m in evals]
-        reward_ax.errorbar(steps, rewards, yerr=errors, label=label, marker="o", capsize=2)
+        steps = [m["step"] for m in evals]
+        rewards, errors = [m["eval/reward"] for m in evals], [m["eval/reward_se"] for m in evals]
+        reward_ax.errorbar(steps, rewards, yerr=errors, label=label, marker="o", capsize=2, color=color)
+        fluency_ax.plot(steps, [m["eval/ref_logp_per_token"] for m in evals], marker="o", color=color)
     acc_ax.set(xlabel="step", ylabel="train implicit-reward accuracy (5-step mean)", title="Learning curves")
     reward_ax.set(
         xlabel="step", ylabel="held-out reward (mean, +/- s.e.)", title="Reward of samples over training"
     )
-    for ax in (acc_ax, reward_ax):
+    fluency_ax.set(
+        xlabel="step",
+        ylabel="log pi_ref(y|x) per token of the samples [nats]",
+        title="Fluency: reference log-prob of samples",
+    )
+    for ax in (acc_ax, reward_ax, fluency_ax):
         ax.grid(True, alpha=0.3)
-    reward_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fluency_ax.legend(*reward_ax.get_legend_handles_labels(), fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0), frameon=False)  # fmt: skip
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     plt.close(fig)
