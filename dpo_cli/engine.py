@@ -43,14 +43,13 @@ from dpo_cli.checkpoints import (
     save_resumable,
 )
 from dpo_cli.config import ConfigError, RunStopped
-from dpo_cli.data.batches import TokenizedExample, collate
+from dpo_cli.data.batches import RefTable, TokenizedExample, collate
 from dpo_cli.evaluate import FrontierEvaluator
 from dpo_cli.logging import RunLogger
 from dpo_cli.models import resolve_device
 from dpo_cli.optim import make_optimizer, optimizer_and_schedule, warmup
 
 Batch = dict[str, torch.Tensor]
-RefTable = dict[tuple[tuple[int, ...], tuple[int, ...]], float]
 CONSOLE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward", "reward_delta", "kl")
 LossFn = Callable[[PreTrainedModel, Batch], tuple[torch.Tensor, dict[str, float]]]
 
@@ -282,11 +281,10 @@ def eval_point(
     frontier: FrontierEvaluator | None,
     logger: RunLogger,
     device: torch.device,
-    held_out_metrics: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """One eval point: held-out objective metrics (given, or computed), plus a (KL, reward) frontier point
     when sampling is on."""
-    metrics = held_out_metrics if held_out_metrics is not None else evaluate(model, batches, loss_fn, device)
+    metrics = evaluate(model, batches, loss_fn, device)
     if frontier is not None:
         frontier_metrics, rows = frontier(model, step)
         metrics |= frontier_metrics
@@ -399,12 +397,10 @@ def train(
     frontier: FrontierEvaluator | None,
     logger: RunLogger,
     device: torch.device,
-    initial_metrics: dict[str, float] | None = None,
     ref_logps: RefTable | None = None,
 ) -> Path:
-    """Train `model` in place; returns the `final/` checkpoint dir. `initial_metrics` are the held-out
-    metrics at step 0 when the stage already has them; `ref_logps` (precomputed reference log-probs by
-    sequence) go into every training batch."""
+    """Train `model` in place; returns the `final/` checkpoint dir. `ref_logps` (precomputed reference
+    log-probs by sequence) go into every training batch."""
     t = cfg.trainer
     ds = distributed.wanted(cfg)
     accumulation_steps = t.batch_size_examples // t.microbatch_size_examples
@@ -441,7 +437,7 @@ def train(
             frontier.first_prompt_rewards = state["frontier_first_prompt_rewards"]
         start_step = state["step"]
     else:
-        eval_point(model, 0, eval_batches, loss_fn, frontier, logger, device, initial_metrics)
+        eval_point(model, 0, eval_batches, loss_fn, frontier, logger, device)
 
     def save(step: int) -> Path:
         state = {

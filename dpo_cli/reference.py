@@ -19,12 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo_cli import distributed
-from dpo_cli.checkpoints import write_atomically
-from dpo_cli.data.batches import TokenizedExample, collate
+from dpo_cli.checkpoints import torch_save_atomically
+from dpo_cli.data.batches import RefTable, Sequence, TokenizedExample, collate
 from dpo_cli.logps import model_token_logps
 
-Sequence = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, completion ids)
-Table = dict[Sequence, float]
 CACHE_FORMAT = 1  # bump when the scoring changes meaning
 
 
@@ -48,9 +46,9 @@ def cache_dir_for(cache_root: Path, fingerprint: str, numerics: str) -> Path:
     return Path(cache_root) / key
 
 
-def read_cache(directory: Path) -> Table:
-    table: Table = {}
-    for part in sorted(directory.glob("part-*/logps.pt")):
+def read_cache(directory: Path) -> RefTable:
+    table: RefTable = {}
+    for part in sorted(directory.glob("part-*.pt")):
         entry = torch.load(part, weights_only=True)
         table.update(zip(map(_as_sequence, entry["sequences"]), entry["logps"].tolist(), strict=True))
     return table
@@ -91,7 +89,7 @@ def precomputed_table(
     directory: Path,
     pad_token_id: int,
     device: torch.device,
-) -> Table:
+) -> RefTable:
     """log pi_ref of every unique sequence of `examples`: read from the reference's cache `directory`
     (`cache_dir_for`), the missing ones scored with `load_reference()` (called only when some are missing)
     and added to it. Under DeepSpeed every rank scores (a ZeRO-3 reference needs all of them) and rank 0
@@ -104,9 +102,9 @@ def precomputed_table(
         return {s: cached[s] for s in sequences}
     logps = score_sequences(load_reference(), missing, pad_token_id, device)
     if distributed.is_main():
-        name = "part-" + hashlib.sha256(repr(missing).encode()).hexdigest()[:16]
+        name = "part-" + hashlib.sha256(repr(missing).encode()).hexdigest()[:16] + ".pt"
         entry = {"sequences": [list(map(list, s)) for s in missing], "logps": logps}
-        write_atomically(directory / name, lambda tmp: torch.save(entry, tmp / "logps.pt"))
+        torch_save_atomically(entry, directory / name)
     distributed.barrier()
     print(
         f"reference: scored {len(missing)} of {len(sequences)} sequences once "

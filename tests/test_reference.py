@@ -143,7 +143,7 @@ def test_reference_cache_hits_and_invalidates(tmp_path, checkpoint):
     _table(checkpoint, _examples(tokenizer, max_length_tokens=10), tmp_path / "cache", calls)
     assert len(calls) == 2
     [cache] = (tmp_path / "cache").iterdir()
-    assert len(list(cache.glob("part-*/logps.pt"))) == 2
+    assert len(list(cache.glob("part-*.pt"))) == 2
 
     # Another reference checkpoint (same path, new weights): a miss, and new values.
     other, _ = tiny_model(seed=7)

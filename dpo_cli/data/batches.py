@@ -16,6 +16,9 @@ from transformers import PreTrainedTokenizerBase
 from dpo_cli.config import DataConfig
 from dpo_cli.data import Example
 
+Sequence = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, completion ids): a batch row's key
+RefTable = dict[Sequence, float]  # precomputed reference log-prob of each sequence
+
 
 @dataclass(frozen=True)
 class TokenizedExample:
@@ -62,11 +65,11 @@ def tokenize_examples(
 def collate(
     examples: list[TokenizedExample],
     pad_token_id: int,
-    ref_logps: dict[tuple[tuple[int, ...], tuple[int, ...]], float] | None = None,
+    ref_logps: RefTable | None = None,
 ) -> dict[str, torch.Tensor]:
     """The batch of `examples`; with `ref_logps` (precomputed reference log-probs by sequence), also
     `ref_logps`, the reference log-prob of each unique row."""
-    rows: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    rows: dict[Sequence, int] = {}
     index = [[rows.setdefault((ex.prompt_ids, c), len(rows)) for c in ex.completion_ids] for ex in examples]
     num_completions = max(len(i) for i in index)
     length = max(len(p) + len(c) for p, c in rows)

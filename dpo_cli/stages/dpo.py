@@ -154,9 +154,9 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     # score a cache miss or to measure the KL of samples at the frontier's eval points.
     pad = tokenizer.pad_token_id
     ref_model = load_reference() if not cfg.ref.precompute or cfg.eval.num_prompts else None
-    numerics = f"{cfg.model.dtype}|{device.type}|{cfg.trainer.engine}"
-    cache = cache_dir_for(Path(cfg.ref.cache_dir), checkpoint_fingerprint(sft_dir), numerics)
     if cfg.ref.precompute:
+        numerics = f"{cfg.model.dtype}|{device.type}|{cfg.trainer.engine}"
+        cache = cache_dir_for(Path(cfg.ref.cache_dir), checkpoint_fingerprint(sft_dir), numerics)
         ref_table = precomputed_table(
             lambda: ref_model if ref_model is not None else load_reference(),
             engine.visited_examples(train, cfg) + held_out,
