@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_cli import distributed
+from dpo_cli import distributed, lean
 from dpo_cli.checkpoints import (
     TRAINER_STATE,
     keep_newest,
@@ -413,6 +413,8 @@ def train(
         accumulation_steps = model.gradient_accumulation_steps()  # per rank
         microbatch_size = model.train_micro_batch_size_per_gpu()
     else:
+        if t.lean_autograd:
+            lean.apply(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_schedule(t, params, cfg.lr)
 
@@ -520,6 +522,8 @@ def train(
                         non_finite("the loss", batch, step=step)
                         finite = False
                         continue
+                    if device.type == "cpu":  # the forward's temporaries, before backward's peak
+                        lean.release_free_heap()
                     (loss / accumulation_steps).backward()
                     parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
@@ -534,6 +538,8 @@ def train(
                     skipped_batches += 1
                 # Free the gradients now: the next forward needs the memory.
                 optimizer.zero_grad(set_to_none=True)
+                if device.type == "cpu":
+                    lean.release_free_heap()
                 train_metrics = mean_metrics(parts) if parts else {}
 
             progress.set_postfix(

@@ -7,7 +7,6 @@ SUM over the completion's tokens, with prompt and padding tokens excluded (label
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100
@@ -53,14 +52,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def model_token_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_tokens: int = 4096
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_bytes: int = 32 * 2**20
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logps` of a batch under `model`, without the (B, T, V) logits.
 
     The LM head runs only on positions that predict a label (prompt and padding positions need no
-    logits: in the sentiment task that is a third of them), `chunk_tokens` rows at a time, so at most one
-    (chunk_tokens, V) fp32 block exists at once in the forward pass; with gradients on, each block is
-    recomputed in backward (activation checkpointing of the head) instead of being kept alive. Models
+    logits: in the sentiment task that is a third of them), in blocks of at most `chunk_bytes` of fp32
+    logits (170 positions for SmolLM2's 49k vocabulary); no block is kept for backward, which recomputes
+    it (`_ChunkedHeadLogps`, the idea of Liger Kernel's fused linear cross-entropy). Models
     whose logits are not a plain linear head of the last hidden state (a DeepSpeed engine, logit scaling
     or soft-capping) take the plain path.
     """
@@ -81,21 +80,53 @@ def model_token_logps(
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     selected_hidden, selected_labels = hidden[:, :-1][mask], labels[mask]
-    parts = []
-    for start in range(0, len(selected_labels), chunk_tokens):
-        h, y = selected_hidden[start : start + chunk_tokens], selected_labels[start : start + chunk_tokens]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_head_logps, head, h, y, use_reentrant=False))
-        else:
-            parts.append(_head_logps(head, h, y))
+    rows = max(1, chunk_bytes // (4 * head.out_features))
+    selected = _ChunkedHeadLogps.apply(selected_hidden, head.weight, head.bias, selected_labels, rows)
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    if parts:
-        per_token = per_token.masked_scatter(mask, torch.cat(parts))
-    return per_token, mask
+    return per_token.masked_scatter(mask, selected), mask
 
 
-def _head_logps(head: torch.nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # fp32 for the same reason as in token_logps; logsumexp instead of log_softmax: only the label column
-    # of the (N, V) block is needed.
-    logits = head(hidden).float()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # fp32 for the same reason as in token_logps.
+    return torch.nn.functional.linear(hidden, weight, bias).float()
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """log softmax(hidden @ W.T + b)[label] per row, `rows` rows of logits at a time.
+
+    Forward keeps no logits; backward recomputes each block and writes its share of the weight's
+    gradient into one (V, H) buffer (addmm_), so a block costs one (rows, V) tensor and no per-block
+    (V, H) gradient. d logp / d logits = onehot(label) - softmax(logits).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rows: int):
+        out = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(labels), rows):
+            logits = _block_logits(hidden[start : start + rows], weight, bias)
+            y = labels[start : start + rows].unsqueeze(-1)
+            out[start : start + rows] = logits.gather(-1, y).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        for start in range(0, len(labels), ctx.rows):
+            block = slice(start, start + ctx.rows)
+            logits = _block_logits(hidden[block], weight, bias)
+            grad_logits = torch.softmax(logits, dim=-1).mul_(-grad_out[block].unsqueeze(-1))
+            grad_logits.scatter_add_(-1, labels[block].unsqueeze(-1), grad_out[block].unsqueeze(-1))
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[block] = grad_logits @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), hidden[block])
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None

@@ -108,3 +108,10 @@ def test_collate_masks_ragged_rankings():
     batch = collate(examples, tok.pad_token_id)
     assert batch["index_mask"].tolist() == [[True, True, True], [True, True, False]]
     assert torch.equal(batch["index"][1, :2], torch.tensor([3, 4]))
+
+
+def test_a_file_of_mixed_record_kinds_is_refused_naming_both_lines(tmp_path):
+    rows = [{"prompt": "x", "chosen": "a", "rejected": "b"}, {"prompt": "y", "completion": "c"}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(ConfigError, match=r"line 2: a sft record in a file of pair records \(line 1\)"):
+        read_jsonl(path)

@@ -62,7 +62,9 @@ def test_chunked_head_logps_equal_full_logits_and_gradients():
     batch = {"input_ids": ids, "attention_mask": attention.long(), "labels": labels}
 
     full, full_mask = token_logps(model(input_ids=ids, attention_mask=batch["attention_mask"]).logits, labels)
-    chunked, chunked_mask = model_token_logps(model, batch, chunk_tokens=5)  # 5 does not divide 24 tokens
+    # Blocks of 5 positions: 5 does not divide the 24 label tokens.
+    chunk_bytes = 5 * 4 * model.get_output_embeddings().out_features
+    chunked, chunked_mask = model_token_logps(model, batch, chunk_bytes=chunk_bytes)
     assert torch.equal(full_mask, chunked_mask)
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=0)
     params = list(model.parameters())

@@ -1,0 +1,92 @@
+"""Lean autograd (dpo_cli/lean.py): the same forward values and gradients, fewer saved activations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dpo_cli import lean
+from dpo_cli.logps import model_token_logps
+
+
+def llama(mlp_bias: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_bias=mlp_bias,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+def batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 300, (3, 10), generator=gen)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def saved_bytes(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model_token_logps(model, inputs)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_lean_blocks_give_the_same_values_and_gradients(mlp_bias):
+    plain = llama(mlp_bias)
+    leaned = copy.deepcopy(plain)
+    # 2 layers x (2 RMSNorms + 1 MLP) + the final norm.
+    assert lean.apply(leaned) == 7
+    inputs = batch()
+    expected, mask = model_token_logps(plain, inputs)
+    got, got_mask = model_token_logps(leaned, inputs)
+    assert torch.equal(mask, got_mask)
+    assert torch.equal(got, expected)  # the forward is bit-identical
+    weights = torch.linspace(-1, 2, expected.numel()).reshape(expected.shape)  # a non-uniform upstream grad
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), leaned.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_lean_blocks_save_less_for_backward():
+    plain = llama()
+    leaned = copy.deepcopy(plain)
+    lean.apply(leaned)
+    inputs = batch()
+    before, after = saved_bytes(plain, inputs), saved_bytes(leaned, inputs)
+    # Per token and layer: 2 x hidden (the normalised input of each norm) + 2 x intermediate (silu(gate),
+    # silu(gate) * up) floats fewer; 30 tokens, 2 layers, plus the final norm's hidden floats.
+    tokens, hidden, intermediate = 30, 32, 96
+    assert before - after == 4 * tokens * (2 * (2 * hidden + 2 * intermediate) + hidden)
+
+
+def test_other_modules_are_left_alone():
+    class GemmaRMSNorm(torch.nn.Module):  # (1 + weight) * x / rms(x): must not take Llama's forward
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4))
+            self.variance_epsilon = 1e-6
+
+    model = torch.nn.Sequential(GemmaRMSNorm(), torch.nn.Linear(4, 4))
+    assert lean.apply(model) == 0
