@@ -115,10 +115,12 @@ class TrainerConfig:
     """Passes over the training data when `max_steps` is None."""
     max_grad_norm: float | None = 10.0
     """Global gradient-norm clip (the paper's code clips at 10); null: no clipping."""
-    lean_autograd: bool = True
-    """Llama-family models (Llama, Mistral, Qwen2/3, SmolLM): RMSNorm and the SwiGLU MLP save only their
-    inputs for backward and recompute the elementwise rest (dpo_cli/lean.py): ~40% fewer saved activations
-    on SmolLM2, the same forward values, gradients equal to float rounding. Single-process engine only."""
+    lean_memory: str = "auto"
+    """auto | on | off. on: Llama-family RMSNorm and SwiGLU MLP save only their inputs for backward and
+    recompute the elementwise rest (dpo_cli/lean.py; ~40% fewer saved activations on SmolLM2, the same
+    forward values, gradients equal to float rounding), and on CPU the C heap's free pages go back to the
+    OS before each backward and after each step. auto: on for models of >= 50M parameters (on toy models
+    the Python-side cost of the custom backward outweighs the memory it saves). Single-process engine."""
     eval_every_steps: int = 100
     """Held-out metrics every this many optimizer steps (and at step 0 and at the end)."""
     save_every_steps: int | None = None
@@ -395,6 +397,11 @@ def validate(cfg: DictConfig) -> None:
         t.batch_size_examples >= 1 and t.batch_size_examples % max(t.microbatch_size_examples, 1) == 0,
         f"trainer.batch_size_examples={t.batch_size_examples}: must be a positive multiple of "
         f"trainer.microbatch_size_examples={t.microbatch_size_examples}",
+    )
+    _check(
+        p,
+        t.lean_memory in ("auto", "on", "off"),
+        f"trainer.lean_memory={t.lean_memory}: choose auto, on or off",
     )
     _check(
         p,

@@ -407,13 +407,14 @@ def train(
     num_steps = total_steps(t, len(train_examples))
 
     microbatch_size, world = t.microbatch_size_examples, distributed.world_size()
+    lean_memory = False
     if ds:
         # From here on `model` is the DeepSpeed engine: forward, backward and step go through it.
         model = _deepspeed_engine(cfg, model, device)
         accumulation_steps = model.gradient_accumulation_steps()  # per rank
         microbatch_size = model.train_micro_batch_size_per_gpu()
     else:
-        if t.lean_autograd:
+        if lean_memory := lean.wanted(t.lean_memory, model):
             lean.apply(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_schedule(t, params, cfg.lr)
@@ -522,7 +523,7 @@ def train(
                         non_finite("the loss", batch, step=step)
                         finite = False
                         continue
-                    if device.type == "cpu":  # the forward's temporaries, before backward's peak
+                    if lean_memory and device.type == "cpu":  # the forward's leftovers, before backward
                         lean.release_free_heap()
                     (loss / accumulation_steps).backward()
                     parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
@@ -538,7 +539,7 @@ def train(
                     skipped_batches += 1
                 # Free the gradients now: the next forward needs the memory.
                 optimizer.zero_grad(set_to_none=True)
-                if device.type == "cpu":
+                if lean_memory and device.type == "cpu":
                     lean.release_free_heap()
                 train_metrics = mean_metrics(parts) if parts else {}
 

@@ -5,9 +5,9 @@ so no high-water mark is inherited), with the same threads (torch.set_num_thread
 fp32, the same weights (our `load_model` preset saved once with save_pretrained; ours loads it as
 `sft_checkpoint=DIR`, TRL with from_pretrained for policy and reference), AdamW (weight decay 0; ours:
 torch.optim.AdamW, TRL: its default adamw_torch_fused), a constant lr without warm-up, max_grad_norm 10,
-8 (identical) or 12 (epoch: 2 openings) pairs per optimizer step (no accumulation), beta 0.1, sigmoid
-loss. Ours runs as the product
-(`python -m dpo_cli.cli dpo ...`). TRL trains on the exact token ids our product trains on, in our
+8 (identical) or 12 (epoch: 2 openings) pairs per optimizer step (no accumulation; --our-microbatch N runs
+ours in N-pair forward passes with accumulation to the same step), beta 0.1, sigmoid loss. Ours runs as
+the product (`python -m dpo_cli.cli dpo ...`). TRL trains on the exact token ids our product trains on, in our
 product's order (dpo_cli.engine.train_batches, same seed), through `train_sampling_strategy="sequential"`.
 
 identical: synthetic pairs, every prompt + completion exactly 64 tokens (16 + 48 with EOS), no shared
@@ -264,7 +264,8 @@ def ours(a: argparse.Namespace, work: Path, name: str, extra: str) -> tuple[dict
     overrides = (
         f"sft_checkpoint={work / 'model'} model={a.model} loss=dpo beta=0.1 lr={a.lr} seed=0 "
         f"trainer.optimizer=adamw trainer.weight_decay=0 trainer.lr_warmup_steps=0 trainer.max_grad_norm=10 "
-        f"trainer.batch_size_examples={BATCH[name]} trainer.microbatch_size_examples={BATCH[name]} "
+        f"trainer.batch_size_examples={BATCH[name]} "
+        f"trainer.microbatch_size_examples={(name == 'identical' and a.our_microbatch) or BATCH[name]} "
         "trainer.device=cpu "
         f"trainer.eval_every_steps=100000 trainer.num_threads={a.threads} eval.num_prompts=0 "
         f"data.max_eval_examples={EVAL_PAIRS} logger=none output_root={work / ('ours_' + name)} "
@@ -360,6 +361,12 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, help="identical: untimed first steps (default 5)")
     p.add_argument("--timed-steps", type=int, help="identical: timed steps (default: tiny 30, smollm2 10)")
     p.add_argument("--epoch-pairs", type=int, help="epoch: pairs, a multiple of 24 (tiny 480, smollm2 192)")
+    p.add_argument(
+        "--our-microbatch",
+        type=int,
+        help="identical: our pairs per forward pass, with gradient accumulation to the same 8-pair step "
+        "(default 8: no accumulation; smaller trades speed for memory)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, run dirs), print its path")
     p.add_argument("--stage", choices=("prep", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)

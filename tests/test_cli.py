@@ -37,6 +37,7 @@ def test_every_stage_has_a_config_file():
         (["dpo", "data=jsonl"], ["data.path"]),
         (["eval", "reward=hf_classifier"], ["reward.model_name_or_path"]),
         (["dpo", "loss.label_smoothing=0.2"], ["only applies to loss=cdpo"]),
+        (["dpo", "trainer.lean_memory=yes"], ["trainer.lean_memory=yes", "auto, on or off"]),
     ],
 )
 def test_bad_input_fails_in_one_line(argv, words, capsys):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpo_cli import lean
+from dpo_cli.cli import main
+from dpo_cli.logging import read_metrics
 from dpo_cli.logps import model_token_logps
 
 
@@ -90,3 +93,47 @@ def test_other_modules_are_left_alone():
 
     model = torch.nn.Sequential(GemmaRMSNorm(), torch.nn.Linear(4, 4))
     assert lean.apply(model) == 0
+
+
+def test_auto_turns_lean_memory_on_only_for_real_model_sizes():
+    assert not lean.wanted("auto", llama())  # ~30k parameters: a toy
+    assert lean.wanted("on", llama()) and not lean.wanted("off", llama())
+    big = torch.nn.Linear(1, lean.AUTO_MIN_PARAMETERS, bias=False)
+    assert lean.wanted("auto", big)
+
+
+@pytest.mark.slow
+def test_a_dpo_run_with_lean_memory_matches_one_without(tmp_path):
+    common = [
+        "model=tiny",
+        "logger=none",
+        f"output_root={tmp_path}",
+        "trainer.max_steps=3",
+        "trainer.batch_size_examples=8",
+        "trainer.microbatch_size_examples=4",  # accumulation: gradients summed over lean backward passes
+        "trainer.eval_every_steps=3",
+        "data.max_eval_examples=8",
+        "eval.num_prompts=0",
+        "lr=1e-3",
+    ]
+    main(["sft", *common, "run_name=sft"])
+    checkpoint = tmp_path / "default" / "sft" / "sft" / "final"
+    metrics = {}
+    for setting in ("on", "off"):
+        main(
+            [
+                "dpo",
+                *common,
+                f"sft_checkpoint={checkpoint}",
+                f"trainer.lean_memory={setting}",
+                f"run_name={setting}",
+            ]
+        )
+        metrics[setting] = read_metrics(tmp_path / "default" / "dpo" / setting)
+    for key in ("train/loss", "train/grad_norm", "eval/loss", "eval/rewards/margins"):
+        on = [m[key] for m in metrics["on"] if key in m]
+        off = [m[key] for m in metrics["off"] if key in m]
+        assert len(on) == len(off) >= 2
+        assert on == pytest.approx(off, rel=1e-5, abs=1e-6), key
+    # The updates moved the policy: a later loss differs from the first (ln 2).
+    assert metrics["on"][-1].get("eval/loss") != pytest.approx(math.log(2), abs=1e-4)
