@@ -68,6 +68,10 @@ def test_lean_blocks_give_the_same_values_and_gradients(mlp_bias):
     weights = torch.linspace(-1, 2, expected.numel()).reshape(expected.shape)  # a non-uniform upstream grad
     (expected * weights).sum().backward()
     (got * weights).sum().backward()
+    # A second micro-batch accumulates into the gradients the first left.
+    for model in (plain, leaned):
+        per_token, _ = model_token_logps(model, inputs)
+        (per_token * weights.flip(0)).sum().backward()
     for (name, a), b in zip(plain.named_parameters(), leaned.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
 
