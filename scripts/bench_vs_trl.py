@@ -7,8 +7,9 @@ fp32, the same weights (our `load_model` preset saved once with save_pretrained;
 torch.optim.AdamW, TRL: its default adamw_torch_fused), a constant lr without warm-up, max_grad_norm 10,
 8 (identical) or 12 (epoch: 2 openings) pairs per optimizer step (no accumulation; --our-microbatch N runs
 ours in N-pair forward passes with accumulation to the same step), beta 0.1, sigmoid loss. Ours runs as
-the product (`python -m dpo_cli.cli dpo ...`). TRL trains on the exact token ids our product trains on, in our
-product's order (dpo_cli.engine.train_batches, same seed), through `train_sampling_strategy="sequential"`.
+the product (`python -m dpo_cli.cli dpo ...`). TRL trains on the exact token ids our product trains on, in
+our product's order (dpo_cli.data.batches.train_batches, same seed), through
+`train_sampling_strategy="sequential"`.
 
 identical: synthetic pairs, every prompt + completion exactly 64 tokens (16 + 48 with EOS), no shared
   completions, the reference online on both sides (ours: ref.precompute=false, batch_by_prompt=false).
@@ -134,8 +135,7 @@ def sentiment_subset(pairs: int) -> list[dict]:
 def our_order(cfg, tokenizer, steps: int | None, by_prompt: bool, batch: int) -> list[dict]:
     """The pairs our product's optimizer steps see, in order, as token ids: what TRL is given."""
     from dpo_cli.data import example_splits, pair_view
-    from dpo_cli.data.batches import tokenize_splits
-    from dpo_cli.engine import train_batches
+    from dpo_cli.data.batches import tokenize_splits, train_batches
 
     splits = example_splits(cfg.data, lambda r: pair_view(r, min_reward_gap=cfg.data.min_reward_gap))[:2]
     train, _ = tokenize_splits(splits, tokenizer, cfg.data)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_cli.data.batches import tokenize_examples
-from dpo_cli.engine import pack_groups, train_batches
+from dpo_cli.data.batches import pack_groups, tokenize_examples, train_batches
 from dpo_cli.logging import wandb_mode
 from dpo_cli.models import tiny_tokenizer
 

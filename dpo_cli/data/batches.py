@@ -3,11 +3,15 @@
 A batch holds the unique sequences of its examples (right-padded; labels of prompt and padding tokens are
 -100) and `index`, the (B, K) row of each example's k-th completion: the paper's App. B form, so a
 completion shared by several pairs (4 samples -> 6 pairs per prompt) is scored once and the pairs are
-gathered by index.
+gathered by index. Training order: `batch_order` shuffles (by prompt, packed whole with `pack_groups`)
+and `train_batches` collates it for a rank; `make_batches` gives the fixed held-out batches.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +22,7 @@ from dpo_cli.data import Example
 
 Sequence = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, completion ids): a batch row's key
 RefTable = dict[Sequence, float]  # precomputed reference log-prob of each sequence
+Batch = dict[str, torch.Tensor]  # what collate returns, as the models and losses read it
 
 
 @dataclass(frozen=True)
@@ -110,3 +115,100 @@ def tokenize_splits(
         for examples in splits
     )
     return train, held_out
+
+
+def make_batches(
+    examples: list[TokenizedExample], batch_size: int, pad_token_id: int, ref_logps: RefTable | None = None
+) -> list[Batch]:
+    """Fixed, in-order batches (eval): the same examples in the same batches at every eval point."""
+    return [
+        collate(examples[i : i + batch_size], pad_token_id, ref_logps)
+        for i in range(0, len(examples), batch_size)
+    ]
+
+
+def batch_order(
+    examples: list[TokenizedExample], microbatch_size: int, *, seed: int, by_prompt: bool
+) -> Iterator[list[int]]:
+    """Endless shuffled micro-batches of example indices, epoch after epoch; the last partial micro-batch
+    of an epoch is dropped. The order depends on `seed` alone.
+
+    With `by_prompt`, prompts are shuffled and packed whole into micro-batches (`pack_groups`), so the
+    pairs of one prompt share a batch and their common completions are scored once (the paper's App. B
+    batching: 4 completions make 6 pairs, 4 sequences instead of 12).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, example in enumerate(examples):
+        groups[example.prompt_ids if by_prompt else (i,)].append(i)
+    members = list(groups.values())
+    while True:
+        yield from pack_groups(
+            [members[g] for g in torch.randperm(len(members), generator=generator)], microbatch_size
+        )
+
+
+def pack_groups(groups: list[list[int]], size: int, lookahead: int = 64) -> Iterator[list[int]]:
+    """Micro-batches of exactly `size` items that split as few groups as possible: each batch takes the
+    next group plus whole groups among the next `lookahead` that fill it exactly (a small subset sum), or
+    else fills up first-fit and splits one group. Every item appears once; a last partial batch is
+    dropped."""
+    pending = [list(g) for g in groups]
+    batch: list[int] = []
+    while pending:
+        chosen = _exact_fill([len(g) for g in pending[:lookahead]], size - len(batch))
+        if chosen is not None:
+            batch += [i for k in chosen for i in pending[k]]
+            pending = [g for k, g in enumerate(pending) if k not in chosen]
+        else:
+            space = size - len(batch)
+            fit = next((k for k, g in enumerate(pending[:lookahead]) if len(g) <= space), None)
+            if fit is None:
+                batch += pending[0][:space]
+                pending[0] = pending[0][space:]
+            else:
+                batch += pending.pop(fit)
+        if len(batch) == size:
+            yield batch
+            batch = []
+
+
+def _exact_fill(sizes: list[int], space: int) -> list[int] | None:
+    """Indices of groups, the first included, whose sizes sum to `space`; None if there are none."""
+    if not sizes or sizes[0] > space:
+        return None
+    # reach[total] = indices summing to total (first found), over groups 1.. after group 0.
+    reach: dict[int, list[int]] = {sizes[0]: [0]}
+    for k in range(1, len(sizes)):
+        if space in reach:
+            break
+        for total, picked in list(reach.items()):
+            if total + sizes[k] <= space and total + sizes[k] not in reach:
+                reach[total + sizes[k]] = [*picked, k]
+    return reach.get(space)
+
+
+def train_batches(
+    examples: list[TokenizedExample],
+    microbatch_size: int,
+    pad_token_id: int,
+    *,
+    seed: int,
+    by_prompt: bool,
+    skip: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    ref_logps: RefTable | None = None,
+) -> Iterator[Batch]:
+    """The micro-batches of `batch_order`, collated; `skip` drops that many without building them (resume).
+
+    Each batch carries `example_ids`, its examples' indices, to name them when something goes wrong.
+    With several ranks, every rank walks the same order and takes every `world_size`-th micro-batch
+    (from its `rank`-th on), so one optimizer step sees the examples one process would.
+    With `ref_logps` (precomputed reference log-probs), each batch carries its rows' `ref_logps`.
+    """
+    order = batch_order(examples, microbatch_size, seed=seed, by_prompt=by_prompt)
+    for position, ids in enumerate(itertools.islice(order, skip, None)):
+        if position % world_size == rank:
+            batch = collate([examples[i] for i in ids], pad_token_id, ref_logps)
+            yield batch | {"example_ids": torch.tensor(ids)}

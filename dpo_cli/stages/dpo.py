@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_cli import engine
 from dpo_cli.config import PREFERENCE_LOSSES, ConfigError, LossConfig
 from dpo_cli.data import example_splits, pair_view, ranked_view
-from dpo_cli.data.batches import tokenize_splits
+from dpo_cli.data.batches import make_batches, tokenize_splits
 from dpo_cli.evaluate import make_frontier
 from dpo_cli.logging import RunLogger
 from dpo_cli.logps import model_token_logps
@@ -168,7 +168,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         sequences = unique_sequences(held_out)
         logps = score_sequences(ref_model, sequences, pad, device)
         ref_table = dict(zip(sequences, logps.tolist(), strict=True))
-    eval_batches = engine.make_batches(held_out, cfg.trainer.microbatch_size_examples, pad, ref_table)
+    eval_batches = make_batches(held_out, cfg.trainer.microbatch_size_examples, pad, ref_table)
 
     loss_fn = make_loss_fn(cfg.loss, ref_model)
     logger = RunLogger(cfg, run_dir)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from dpo_cli import engine
 from dpo_cli.data import example_splits, sft_view
-from dpo_cli.data.batches import tokenize_splits
+from dpo_cli.data.batches import make_batches, tokenize_splits
 from dpo_cli.evaluate import make_frontier
 from dpo_cli.logging import RunLogger
 from dpo_cli.logps import token_logps
@@ -41,7 +41,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
 
     train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"sft: {len(train)} training and {len(held_out)} held-out sequences")
-    eval_batches = engine.make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
+    eval_batches = make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
 
     logger = RunLogger(cfg, run_dir)
     frontier = make_frontier(cfg, eval_records, tokenizer, initial_model, run_dir)
