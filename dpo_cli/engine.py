@@ -309,15 +309,16 @@ def train(
     num_steps = total_steps(t, len(train_examples))
 
     microbatch_size, world = t.microbatch_size_examples, distributed.world_size()
-    lean_memory = False
+    trim_heap = False  # lean_memory on CPU: hand freed pages back before backward and after each step
     if ds:
         # From here on `model` is the DeepSpeed engine: forward, backward and step go through it.
         model = _deepspeed_engine(cfg, model, device)
         accumulation_steps = model.gradient_accumulation_steps()  # per rank
         microbatch_size = model.train_micro_batch_size_per_gpu()
     else:
-        if lean_memory := lean.wanted(t.lean_memory, model):
+        if lean.wanted(t.lean_memory, model):
             lean.apply(model)
+            trim_heap = device.type == "cpu"
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_schedule(t, params, cfg.lr)
 
@@ -425,7 +426,7 @@ def train(
                         non_finite("the loss", batch, step=step)
                         finite = False
                         continue
-                    if lean_memory and device.type == "cpu":  # the forward's leftovers, before backward
+                    if trim_heap:  # the forward's leftovers, before backward's peak
                         lean.release_free_heap()
                     (loss / accumulation_steps).backward()
                     parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
@@ -441,7 +442,7 @@ def train(
                     skipped_batches += 1
                 # Free the gradients now: the next forward needs the memory.
                 optimizer.zero_grad(set_to_none=True)
-                if lean_memory and device.type == "cpu":
+                if trim_heap:
                     lean.release_free_heap()
                 train_metrics = mean_metrics(parts) if parts else {}
 

@@ -16,6 +16,7 @@ multiplies by 1 + weight, and must not match) and leaves everything else alone.
 from __future__ import annotations
 
 import ctypes
+import functools
 import types
 
 import torch
@@ -129,14 +130,14 @@ def release_free_heap() -> None:
     keeps the high-water mark of every earlier micro-batch's leftovers on top of what the next one needs.
     Costs a heap walk (~1 ms) and re-faulting the pages when they are used again.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None

@@ -48,8 +48,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            _check_record(record, where)
-            kind = record_kind(record, where)
+            kind = _check_record(record, where)
             first_kind = first_kind or (kind, number)
             if kind != first_kind[0]:
                 raise ConfigError(
@@ -62,7 +61,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def _check_record(record: dict, where: str) -> None:
+def _check_record(record: dict, where: str) -> str:
+    """Raise a one-line ConfigError naming `where` and the field if `record` is malformed; else its kind."""
     kind = record_kind(record, where)
     text_fields = {
         "pair": ("prompt", "chosen", "rejected"),
@@ -82,6 +82,7 @@ def _check_record(record: dict, where: str) -> None:
             raise ConfigError(
                 f"{where}: 'ranking' must be a permutation of 0..{len(responses) - 1}, got {ranking}"
             )
+    return kind
 
 
 def record_kind(record: dict, where: str = "record") -> str:
