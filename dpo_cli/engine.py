@@ -317,7 +317,7 @@ def train(
         microbatch_size = model.train_micro_batch_size_per_gpu()
     else:
         if lean.wanted(t.lean_memory, model):
-            lean.apply(model)
+            lean.apply(model, trim_heap=device.type == "cpu")
             trim_heap = device.type == "cpu"
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_schedule(t, params, cfg.lr)

@@ -18,11 +18,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import types
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-# Modules whose forward is exactly transformers' LlamaRMSNorm / LlamaMLP (silu activation).
+# Modules whose forward is exactly transformers' LlamaRMSNorm / LlamaMLP (silu activation), and the
+# decoder layers that hold them.
+DECODER_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 SILU = {"SiLU", "SiLUActivation"}  # torch's and transformers' (both F.silu)
@@ -34,10 +37,13 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # The same ops in the same order as LlamaRMSNorm.forward, so the values are bit-identical.
-        x32 = x.to(torch.float32)
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        rstd = torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        return _RMSNorm.output(x, weight, rstd)
+
+    @staticmethod
+    def output(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        return weight * (x.to(torch.float32) * rstd).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -80,6 +86,47 @@ class _SwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_weight, grad_bias
 
 
+class _NormOutput(NamedTuple):
+    """A saved view of a lean RMSNorm's output, kept as the norm's backward node plus the view's layout."""
+
+    node: Any
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+def _pack(saved: torch.Tensor) -> torch.Tensor | _NormOutput:
+    # The projections after a norm (q/k/v, gate/up) save its output, as a 2-D view, for their weight
+    # gradients. The norm's own node already holds x and 1 / rms(x), so keep a recipe, not the tensor.
+    base = saved._base if saved._is_view() else saved
+    if not isinstance(base.grad_fn, _RMSNorm._backward_cls):
+        return saved
+    return _NormOutput(base.grad_fn, saved.shape, saved.stride(), saved.storage_offset())
+
+
+def _unpack(saved: torch.Tensor | _NormOutput) -> torch.Tensor:
+    if not isinstance(saved, _NormOutput):
+        return saved
+    # The projections' backward runs before the norm's, so the norm's saved tensors are still there.
+    x, weight, rstd = saved.node.saved_tensors
+    return _RMSNorm.output(x, weight, rstd).as_strided(saved.shape, saved.stride, saved.offset)
+
+
+def _decoder_layer_call(forward, trim_heap: bool, *args, **kwargs) -> torch.Tensor:
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        out = forward(*args, **kwargs)
+    if trim_heap and out.requires_grad:
+        # Every layer leaves freed blocks in holes between the activations it keeps; glibc would keep
+        # them all resident until the step's end. Hand them back per layer, in forward and in backward.
+        release_free_heap()
+        out.register_hook(_trim_in_backward)
+    return out
+
+
+def _trim_in_backward(grad: torch.Tensor) -> None:
+    release_free_heap()
+
+
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
@@ -100,16 +147,21 @@ def wanted(setting: str, model: torch.nn.Module) -> bool:
     return setting == "on"
 
 
-def apply(model: torch.nn.Module) -> int:
+def apply(model: torch.nn.Module, *, trim_heap: bool = False) -> int:
     """Give the recognised RMSNorm and SwiGLU MLP modules of `model` the lean forward; how many changed.
 
     An MLP is changed only if its down projection is a plain `nn.Linear` (an adapter such as LoRA in its
-    place must see its own forward) and its activation is silu.
+    place must see its own forward) and its activation is silu. Inside a recognised decoder layer the
+    norms' outputs are not saved either: the projections after them rebuild them in backward.
+    `trim_heap`: return freed heap pages to the OS after each layer's forward and backward (CPU runs).
     """
     changed = 0
     for module in model.modules():
         name = type(module).__name__
-        if name in RMS_NORMS:
+        if name in DECODER_LAYERS:
+            call = functools.partial(_decoder_layer_call, module.forward, trim_heap)
+            module.forward = functools.update_wrapper(call, module.forward)
+        elif name in RMS_NORMS:
             module.forward = types.MethodType(_rms_norm_forward, module)
             changed += 1
         elif (

@@ -68,9 +68,11 @@ def make_loss_fn(loss_cfg: LossConfig, ref_model) -> engine.LossFn:
     """Batches carry `ref_logps` when the reference was precomputed; otherwise `ref_model` scores them."""
 
     def loss_fn(policy, batch: engine.Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        per_token, mask = model_token_logps(policy, batch)
         precomputed = "ref_logps" in batch
+        # The reference first: its forward's scratch memory is reused, not stacked on the policy's
+        # activations, which the policy forward keeps until backward.
         ref_sequence = batch["ref_logps"] if precomputed else reference_logps(ref_model, batch)
+        per_token, mask = model_token_logps(policy, batch)
         loss, metrics = objective(loss_cfg, batch, per_token, mask, ref_sequence)
         # Sequences through a model per example: TRL's pairwise path runs 2 policy + 2 reference.
         forward_sequences = len(batch["input_ids"]) * (1 if precomputed else 2)
