@@ -1,13 +1,14 @@
 """Leaner autograd for Llama-family decoder blocks: the same forward values, fewer saved activations.
 
 Autograd keeps every intermediate that some op needs in backward. Per token and layer of a Llama block
-that includes, besides what the matmuls need, RMSNorm's normalised input before the weight (one
-hidden-size vector per norm, two norms) and, in the SwiGLU MLP down(silu(gate) * up), silu(gate) and
-silu(gate) * up (two intermediate-size vectors). The functions below save only the inputs of those
-elementwise parts and recompute them in backward (a few elementwise ops per layer, no matmul), as Liger
-Kernel's fused RMSNorm / SwiGLU do on GPUs. On SmolLM2-135M that is 16.5 of the ~44 MiB saved per layer
-for 16 x 64 tokens. Forward values are bit-identical to transformers' modules; gradients agree to float
-rounding (tests/test_lean.py).
+that includes, besides what attention needs, for each of the two RMSNorms its normalised input and its
+output (which the projections after it keep for their weight gradients), and in the SwiGLU MLP
+down(silu(gate) * up(x)) the intermediate-size vectors up, silu(gate) and silu(gate) * up. Here a norm
+saves only its input, its output is rebuilt from that input when a projection's backward asks for it (a
+saved-tensor hook), and the MLP saves gate only, recomputing up(x) (one matmul, ~6% of a step's
+FLOPs) and the elementwise rest in backward, as Liger Kernel's fused RMSNorm / SwiGLU do on GPUs. On
+SmolLM2-135M, for 16 x 64 tokens, a layer then saves 16.5 MiB instead of ~44 MiB. Forward values are
+bit-identical to transformers' modules; gradients agree to float rounding (tests/test_lean.py).
 
 `apply(model)` swaps the forward of the modules it recognises (by class, not by shape: Gemma's RMSNorm
 multiplies by 1 + weight, and must not match) and leaves everything else alone.
@@ -59,31 +60,41 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight, None
 
 
-class _SwiGLUDown(torch.autograd.Function):
-    """y = down(silu(gate) * up), saving gate and up only: silu(gate) * up is recomputed in backward."""
+class _SwiGLU(torch.autograd.Function):
+    """y = down(silu(gate) * up(x)), saving x and gate only: up(x) (one matmul) and silu(gate) * up are
+    recomputed in backward. x is a norm's output, which the saved-tensor hook below does not keep either."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias):
-        ctx.save_for_backward(gate, up, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(F.silu(gate) * up, weight, bias)
+    def forward(ctx, x, gate, up_weight, up_bias, down_weight, down_bias):
+        ctx.save_for_backward(x, gate, up_weight, up_bias, down_weight)
+        ctx.has_down_bias = down_bias is not None
+        return F.linear(F.silu(gate) * F.linear(x, up_weight, up_bias), down_weight, down_bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        gate, up, weight = ctx.saved_tensors
+        x, gate, up_weight, up_bias, down_weight = ctx.saved_tensors
+        up = F.linear(x, up_weight, up_bias)
         sig = torch.sigmoid(gate)
         silu = gate * sig
-        grad_hidden = grad_out.matmul(weight)
-        grad_weight = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            flat_out = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_weight = flat_out.t().matmul((silu * up).reshape(-1, up.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        grad_up = grad_hidden * silu
+        grad_hidden = grad_out.matmul(down_weight)
+        flat_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grads = dict.fromkeys(("x", "up_weight", "up_bias", "down_weight", "down_bias"))
+        if ctx.needs_input_grad[4]:
+            grads["down_weight"] = flat_out.t().matmul((silu * up).reshape(-1, up.shape[-1]))
+        if ctx.has_down_bias and ctx.needs_input_grad[5]:
+            grads["down_bias"] = flat_out.sum(0)
         # silu'(g) = sig(g) (1 + g (1 - sig(g)))
         grad_gate = grad_hidden * up * (sig * (1 + gate * (1 - sig)))
-        return grad_gate, grad_up, grad_weight, grad_bias
+        grad_up = grad_hidden * silu
+        flat_up = grad_up.reshape(-1, grad_up.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grads["x"] = grad_up.matmul(up_weight)
+        if ctx.needs_input_grad[2]:
+            grads["up_weight"] = flat_up.t().matmul(x.reshape(-1, x.shape[-1]))
+        if up_bias is not None and ctx.needs_input_grad[3]:
+            grads["up_bias"] = flat_up.sum(0)
+        g = grads
+        return g["x"], grad_gate, g["up_weight"], g["up_bias"], g["down_weight"], g["down_bias"]
 
 
 class _NormOutput(NamedTuple):
@@ -132,7 +143,8 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
+    up, down = self.up_proj, self.down_proj
+    return _SwiGLU.apply(x, self.gate_proj(x), up.weight, up.bias, down.weight, down.bias)
 
 
 # `lean_memory=auto` turns on from this many parameters: below it the Python-side cost of the custom
@@ -150,8 +162,8 @@ def wanted(setting: str, model: torch.nn.Module) -> bool:
 def apply(model: torch.nn.Module, *, trim_heap: bool = False) -> int:
     """Give the recognised RMSNorm and SwiGLU MLP modules of `model` the lean forward; how many changed.
 
-    An MLP is changed only if its down projection is a plain `nn.Linear` (an adapter such as LoRA in its
-    place must see its own forward) and its activation is silu. Inside a recognised decoder layer the
+    An MLP is changed only if its up and down projections are plain `nn.Linear`s (an adapter such as LoRA
+    in their place must see its own forward) and its activation is silu. Inside a recognised decoder layer the
     norms' outputs are not saved either: the projections after them rebuild them in backward.
     `trim_heap`: return freed heap pages to the OS after each layer's forward and backward (CPU runs).
     """
@@ -166,6 +178,7 @@ def apply(model: torch.nn.Module, *, trim_heap: bool = False) -> int:
             changed += 1
         elif (
             name in SWIGLU_MLPS
+            and type(module.up_proj) is torch.nn.Linear
             and type(module.down_proj) is torch.nn.Linear
             and type(module.act_fn).__name__ in SILU
         ):
