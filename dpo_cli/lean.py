@@ -128,7 +128,7 @@ def _decoder_layer_call(forward, trim_heap: bool, *args, **kwargs) -> torch.Tens
         out = forward(*args, **kwargs)
     if trim_heap and out.requires_grad:
         # Every layer leaves freed blocks in holes between the activations it keeps; glibc would keep
-        # them all resident until the step's end. Hand them back per layer, in forward and in backward.
+        # them all resident until the step's end. Hand them back here, in forward and in backward.
         release_free_heap()
         out.register_hook(_trim_in_backward)
     return out
@@ -152,6 +152,12 @@ def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
 AUTO_MIN_PARAMETERS = 50_000_000
 
 
+# With `trim_heap`, every this many decoder layers hand freed heap pages back. Each trim makes the pages
+# that the next layers reuse fault in anew: every layer cost ~1 s per SmolLM2 step (of ~8.5); every 4th
+# keeps the same peak (measured: 3,264-3,312 vs 3,289 MiB) at no measurable cost.
+TRIM_EVERY_LAYERS = 4
+
+
 def wanted(setting: str, model: torch.nn.Module) -> bool:
     """Whether `trainer.lean_memory` (auto | on | off) applies to `model`."""
     if setting == "auto":
@@ -165,13 +171,15 @@ def apply(model: torch.nn.Module, *, trim_heap: bool = False) -> int:
     An MLP is changed only if its up and down projections are plain `nn.Linear`s (an adapter such as LoRA
     in their place must see its own forward) and its activation is silu. Inside a recognised decoder layer the
     norms' outputs are not saved either: the projections after them rebuild them in backward.
-    `trim_heap`: return freed heap pages to the OS after each layer's forward and backward (CPU runs).
+    `trim_heap`: return freed heap pages to the OS after every 4th layer's forward and backward (CPU runs).
     """
-    changed = 0
+    changed, layers = 0, 0
     for module in model.modules():
         name = type(module).__name__
         if name in DECODER_LAYERS:
-            call = functools.partial(_decoder_layer_call, module.forward, trim_heap)
+            trim = trim_heap and layers % TRIM_EVERY_LAYERS == 0
+            call = functools.partial(_decoder_layer_call, module.forward, trim)
+            layers += 1
             module.forward = functools.update_wrapper(call, module.forward)
         elif name in RMS_NORMS:
             module.forward = types.MethodType(_rms_norm_forward, module)
