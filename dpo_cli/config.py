@@ -119,8 +119,8 @@ class TrainerConfig:
     """auto | on | off. on: Llama-family decoder layers keep only the RMSNorms' inputs and the MLP's gate
     for backward and recompute the rest (the MLP's up projection: one matmul, ~6% more FLOPs; dpo_cli/
     lean.py; ~60% fewer saved activations on SmolLM2, the same forward values, gradients equal to float
-    rounding), and on CPU the C heap's free pages go back to the OS after each layer's forward and
-    backward and after each step. auto: on for models of >= 50M parameters (on toy models the
+    rounding), and on CPU the C heap's free pages go back to the OS after every 4th layer's forward and
+    backward. auto: on for models of >= 50M parameters (on toy models the
     Python-side cost of the custom backward outweighs the memory it saves). Single-process engine."""
     eval_every_steps: int = 100
     """Held-out metrics every this many optimizer steps (and at step 0 and at the end)."""

@@ -309,7 +309,6 @@ def train(
     num_steps = total_steps(t, len(train_examples))
 
     microbatch_size, world = t.microbatch_size_examples, distributed.world_size()
-    trim_heap = False  # lean_memory on CPU: hand freed pages back before backward and after each step
     if ds:
         # From here on `model` is the DeepSpeed engine: forward, backward and step go through it.
         model = _deepspeed_engine(cfg, model, device)
@@ -318,7 +317,6 @@ def train(
     else:
         if lean.wanted(t.lean_memory, model):
             lean.apply(model, trim_heap=device.type == "cpu")
-            trim_heap = device.type == "cpu"
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_schedule(t, params, cfg.lr)
 
@@ -426,8 +424,6 @@ def train(
                         non_finite("the loss", batch, step=step)
                         finite = False
                         continue
-                    if trim_heap:  # the forward's leftovers, before backward's peak
-                        lean.release_free_heap()
                     (loss / accumulation_steps).backward()
                     parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
@@ -442,8 +438,6 @@ def train(
                     skipped_batches += 1
                 # Free the gradients now: the next forward needs the memory.
                 optimizer.zero_grad(set_to_none=True)
-                if trim_heap:
-                    lean.release_free_heap()
                 train_metrics = mean_metrics(parts) if parts else {}
 
             progress.set_postfix(
