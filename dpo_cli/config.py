@@ -119,9 +119,13 @@ class TrainerConfig:
     """auto | on | off. on: Llama-family decoder layers keep only the RMSNorms' inputs and the MLP's gate
     for backward and recompute the rest (the MLP's up projection: one matmul, ~6% more FLOPs; dpo_cli/
     lean.py; ~60% fewer saved activations on SmolLM2, the same forward values, gradients equal to float
-    rounding), and on CPU the C heap's free pages go back to the OS after every 4th layer's forward and
-    backward. auto: on for models of >= 50M parameters (on toy models the
-    Python-side cost of the custom backward outweighs the memory it saves). Single-process engine."""
+    rounding). auto: on for models of >= 50M parameters (on toy models the Python-side cost of the
+    custom backward outweighs the memory it saves). Single-process engine."""
+    heap_trim: bool = False
+    """With lean_memory on a CPU: every 4th decoder layer hands the C heap's free pages back to the OS in
+    forward and backward (glibc malloc_trim), so each layer's freed scratch does not stay resident until
+    the step ends. Lowers peak RSS (SmolLM2, 8 pairs of 64 tokens: 3,374 vs ~3,850 MiB) for page faults
+    (the sentiment epoch of scripts/bench_vs_trl.py: 49.6 vs 42.6 s), so off unless memory binds."""
     eval_every_steps: int = 100
     """Held-out metrics every this many optimizer steps (and at step 0 and at the end)."""
     save_every_steps: int | None = None
@@ -403,6 +407,11 @@ def validate(cfg: DictConfig) -> None:
         p,
         t.lean_memory in ("auto", "on", "off"),
         f"trainer.lean_memory={t.lean_memory}: choose auto, on or off",
+    )
+    _check(
+        p,
+        not (t.heap_trim and t.lean_memory == "off"),
+        "trainer.heap_trim=true trims in the lean decoder layers: it needs trainer.lean_memory=on or auto",
     )
     _check(
         p,

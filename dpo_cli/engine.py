@@ -316,7 +316,7 @@ def train(
         microbatch_size = model.train_micro_batch_size_per_gpu()
     else:
         if lean.wanted(t.lean_memory, model):
-            lean.apply(model, trim_heap=device.type == "cpu")
+            lean.apply(model, trim_heap=t.heap_trim and device.type == "cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_schedule(t, params, cfg.lr)
 

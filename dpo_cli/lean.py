@@ -209,9 +209,9 @@ def release_free_heap() -> None:
     On a CPU every layer mallocs and frees its scratch tensors between the activations it keeps. glibc
     keeps freed pages resident for reuse, and pages in holes between live blocks are never returned, so
     without this a step's resident memory grows by every layer's leftovers (SmolLM2, 16 x 64 tokens:
-    ~13 MiB a layer, from RSS sampled every 2 ms through a step). Costs a heap walk (~1 ms) and re-faulting the pages
-    when they are used again. A trim per step instead (before backward, after the optimizer step) cost
-    page faults for the whole gradient and left the peak where the per-layer trims put it.
+    ~13 MiB a layer, from RSS sampled every 2 ms through a step). Costs a heap walk (~1 ms) and
+    re-faulting the pages when they are used again: the previous step's freed gradients among them,
+    which is why `trainer.heap_trim` is off unless memory binds.
     """
     trim = _malloc_trim()
     if trim is not None:

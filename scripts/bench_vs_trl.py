@@ -12,7 +12,8 @@ our product's order (dpo_cli.data.batches.train_batches, same seed), through
 `train_sampling_strategy="sequential"`.
 
 identical: synthetic pairs, every prompt + completion exactly 64 tokens (16 + 48 with EOS), no shared
-  completions, the reference online on both sides (ours: ref.precompute=false, batch_by_prompt=false).
+  completions, the reference online on both sides (ours: ref.precompute=false, batch_by_prompt=false,
+  heap_trim=true: the configuration for a memory-bound run; speed and memory come from the same run).
   Per side: median s/step after the warm-up steps (ours: batch / train/examples_per_second of
   metrics.jsonl; TRL: on_step_begin..on_step_end), non-pad tokens/s, peak RSS, the first 5 per-step losses
   (must agree within 1e-3 relative), MFU = 8 * N * tokens per step (6N policy fwd+bwd, 2N reference fwd;
@@ -297,7 +298,9 @@ def show(workload: str, side: str, run: dict, **figures: str) -> None:
 
 
 def identical(a: argparse.Namespace, work: Path, prep_out: dict) -> tuple[float, float]:
-    extra = f"data=jsonl data.path={work / 'identical.jsonl'} trainer.batch_by_prompt=false "
+    # The memory test: ours trims the C heap every 4th layer (trainer.heap_trim, off by default).
+    extra = f"data=jsonl data.path={work / 'identical.jsonl'} trainer.heap_trim=true "
+    extra += "trainer.batch_by_prompt=false "
     extra += f"trainer.max_steps={a.warmup_steps + a.timed_steps}"
     extra += " ref.precompute=false" if prep_out["has_ref"] else ""
     our_run, rows = ours(a, work, "identical", extra)

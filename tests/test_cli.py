@@ -38,6 +38,10 @@ def test_every_stage_has_a_config_file():
         (["eval", "reward=hf_classifier"], ["reward.model_name_or_path"]),
         (["dpo", "loss.label_smoothing=0.2"], ["only applies to loss=cdpo"]),
         (["dpo", "trainer.lean_memory=yes"], ["trainer.lean_memory=yes", "auto, on or off"]),
+        (
+            ["dpo", "trainer.heap_trim=true", "trainer.lean_memory=off"],
+            ["trainer.heap_trim=true", "trainer.lean_memory=on or auto"],
+        ),
     ],
 )
 def test_bad_input_fails_in_one_line(argv, words, capsys):
