@@ -7,6 +7,7 @@ or a kill mid-write leaves the previous checkpoint untouched and a `.tmp-*` dir 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
@@ -22,6 +23,7 @@ import transformers.modeling_utils
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_cli import distributed
+from dpo_cli.config import RunStopped
 
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -56,10 +58,25 @@ def _commit(tmp: Path, path: Path) -> Path:
     return path
 
 
+def _disk_full(err: BaseException) -> bool:
+    # safetensors reports ENOSPC as its own error type, with the OS message in the text.
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err)
+
+
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)`, make it durable, then rename it to `path` (replacing an older `path`)."""
+    """Run `write(tmp_dir)`, make it durable, then rename it to `path` (replacing an older `path`).
+    A full disk stops the run with one line; the partial write is removed, older checkpoints stay."""
     tmp = _fresh_tmp(path)
-    write(tmp)
+    try:
+        write(tmp)
+    except Exception as err:
+        if not _disk_full(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunStopped(
+            f"no space left on the device while writing {path}; the partial write was removed and earlier "
+            "checkpoints are untouched: free space, then rerun (resume=true continues from the last one)"
+        ) from err
     return _commit(tmp, path)
 
 

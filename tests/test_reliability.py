@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from dpo_cli import checkpoints
 from dpo_cli.cli import main
+from dpo_cli.config import RunStopped
 from dpo_cli.logging import read_metrics
 from tests.conftest import write_jsonl
 
@@ -303,3 +304,30 @@ def test_saving_a_plain_model_does_not_import_deepspeed_and_loads_back(tmp_path)
     # accelerate imports DeepSpeed (when installed) to test whether a model is wrapped; a plain model
     # is not, and the import costs ~0.3 s of every run's end.
     subprocess.run([sys.executable, "-c", SAVE_WITHOUT_DEEPSPEED, str(tmp_path / "m")], check=True)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+)
+def test_a_full_disk_stops_in_one_line_and_removes_the_partial_write(tmp_path, error):
+    older = checkpoints.write_atomically(tmp_path / "step-3", lambda d: (d / "weights").write_text("old"))
+
+    def write(directory: Path) -> None:
+        (directory / "weights").write_text("partial")
+        raise error
+
+    with pytest.raises(RunStopped, match="no space left on the device while writing .*step-6"):
+        checkpoints.write_atomically(tmp_path / "step-6", write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3"]  # no .tmp-step-6, no step-6
+    assert (older / "weights").read_text() == "old"
+    error_other = ValueError("other")
+
+    def fail(directory: Path) -> None:
+        raise error_other
+
+    with pytest.raises(ValueError, match="other"):  # any other error passes through unchanged
+        checkpoints.write_atomically(tmp_path / "step-9", fail)
