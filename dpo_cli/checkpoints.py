@@ -58,33 +58,43 @@ def _commit(tmp: Path, path: Path) -> Path:
     return path
 
 
-def _disk_full(err: BaseException) -> bool:
-    # safetensors reports ENOSPC as its own error type, with the OS message in the text.
-    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err)
+@contextlib.contextmanager
+def _stop_if_disk_full(path: Path, partial: Path) -> Iterator[None]:
+    """A full disk while writing `path` stops the run with one line, `partial` (the tmp file or dir)
+    removed; any other error passes through."""
+    try:
+        yield
+    except Exception as err:
+        # safetensors reports ENOSPC as its own error type, with the OS message in the text.
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        if not (full or "No space left on device" in str(err)):
+            raise
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        raise RunStopped(
+            f"no space left on the device while writing {path}; the partial write was removed and earlier "
+            "checkpoints are untouched: free space, then rerun (resume=true continues from the last one)"
+        ) from err
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_dir)`, make it durable, then rename it to `path` (replacing an older `path`).
     A full disk stops the run with one line; the partial write is removed, older checkpoints stay."""
     tmp = _fresh_tmp(path)
-    try:
+    with _stop_if_disk_full(path, tmp):
         write(tmp)
-    except Exception as err:
-        if not _disk_full(err):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RunStopped(
-            f"no space left on the device while writing {path}; the partial write was removed and earlier "
-            "checkpoints are untouched: free space, then rerun (resume=true continues from the last one)"
-        ) from err
     return _commit(tmp, path)
 
 
 def torch_save_atomically(obj: Any, path: Path) -> Path:
-    """torch.save into `.tmp-<name>` beside `path`, fsync, then rename: readers see all of it or nothing."""
+    """torch.save into `.tmp-<name>` beside `path`, fsync, then rename: readers see all of it or nothing
+    (a full disk stops the run as in `write_atomically`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(obj, tmp)
+    with _stop_if_disk_full(path, tmp):
+        torch.save(obj, tmp)
     _fsync(tmp)
     os.replace(tmp, path)
     _fsync(path.parent)

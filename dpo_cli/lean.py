@@ -187,8 +187,8 @@ def apply(model: torch.nn.Module, *, trim_heap: bool = False) -> int:
         if name in DECODER_LAYERS:
             trim = trim_heap and layers % TRIM_EVERY_LAYERS == 0
             call = functools.partial(_decoder_layer_call, module.forward, trim)
-            layers += 1
             module.forward = functools.update_wrapper(call, module.forward)
+            layers += 1
         elif name in RMS_NORMS:
             module.forward = types.MethodType(_rms_norm_forward, module)
             changed += 1

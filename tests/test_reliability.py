@@ -331,3 +331,14 @@ def test_a_full_disk_stops_in_one_line_and_removes_the_partial_write(tmp_path, e
 
     with pytest.raises(ValueError, match="other"):  # any other error passes through unchanged
         checkpoints.write_atomically(tmp_path / "step-9", fail)
+
+
+def test_a_full_disk_while_caching_stops_in_one_line_and_removes_the_partial_file(tmp_path, monkeypatch):
+    def save(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", save)
+    with pytest.raises(RunStopped, match="no space left on the device while writing .*part-1.pt"):
+        checkpoints.torch_save_atomically({"logps": [0.0]}, tmp_path / "cache" / "part-1.pt")
+    assert list((tmp_path / "cache").iterdir()) == []  # no .tmp-part-1.pt, no part-1.pt
