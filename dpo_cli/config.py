@@ -109,6 +109,12 @@ class TrainerConfig:
     batch_by_prompt: bool = True
     """Keep each prompt's examples in the same batch so shared completions are scored once (paper App. B:
     4 samples give 6 pairs but only 4 sequences); false shuffles examples independently."""
+    share_prompts: bool = True
+    """Preference stages: put each prompt of a micro-batch through the model once, its completions after
+    it in the same row, each completion attending to the prompt and to itself (a 4-D attention mask;
+    positions restart after the prompt). The log-probs are those of separate prompt + completion rows
+    (tested to float rounding) for fewer tokens: a pair's prompt once instead of twice. Models with sdpa
+    or eager attention; others run separate rows."""
     max_steps: int | None = None
     """Optimizer steps to train for; None = `num_epochs` passes over the training data."""
     num_epochs: int = 1

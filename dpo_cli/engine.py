@@ -300,9 +300,11 @@ def train(
     logger: RunLogger,
     device: torch.device,
     ref_logps: RefTable | None = None,
+    share_prompts: bool = False,
 ) -> Path:
     """Train `model` in place; returns the `final/` checkpoint dir. `ref_logps` (precomputed reference
-    log-probs by sequence) go into every training batch."""
+    log-probs by sequence) go into every training batch, and with `share_prompts` the batches carry their
+    shared-prompt layout (`data.batches.collate`)."""
     t = cfg.trainer
     ds = distributed.wanted(cfg)
     accumulation_steps = t.batch_size_examples // t.microbatch_size_examples
@@ -390,6 +392,7 @@ def train(
         rank=distributed.rank(),
         world_size=world,
         ref_logps=ref_logps,
+        share_prompts=share_prompts,
     )
     skipped_batches = 0
     progress = tqdm(

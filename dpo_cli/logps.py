@@ -6,6 +6,9 @@ SUM over the completion's tokens, with prompt and padding tokens excluded (label
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import torch
 from transformers import PreTrainedModel
 
@@ -62,7 +65,30 @@ def model_token_logps(
     it (`_ChunkedHeadLogps`, the idea of Liger Kernel's fused linear cross-entropy). Models
     whose logits are not a plain linear head of the last hidden state (a DeepSpeed engine, logit scaling
     or soft-capping) take the plain path.
+
+    A batch collated with `share_prompts` runs its shared-prompt layout (each prompt once, its
+    completions after it) on models whose attention takes a 4-D mask (sdpa, eager); the result is laid
+    out by sequence, as `labels`, either way.
     """
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    shared = "label_source" in batch and attention in ("sdpa", "eager")
+    if shared:
+        visible = batch["prompt_attention"]
+        if attention == "eager":  # eager attention adds the mask to its scores
+            visible = torch.zeros(visible.shape, dtype=module.dtype, device=visible.device).masked_fill_(
+                ~visible, torch.finfo(module.dtype).min
+            )
+        inputs = {
+            "input_ids": batch["shared_input_ids"],
+            "position_ids": batch["shared_position_ids"],
+            "attention_mask": visible,
+        }
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
     head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     config = getattr(model, "config", None)
     plain = (
@@ -71,18 +97,28 @@ def model_token_logps(
         or getattr(config, "final_logit_softcapping", None)
         or getattr(config, "logit_scale", None)
     )
+    # transformers copies each K/V head to all query heads of its group whenever SDPA gets a mask (CUDA's
+    # fast kernels lack masked grouped-query attention) and the copies are saved for backward: SmolLM2's
+    # 3 K/V heads become 9 in all 30 layers. torch's CPU flash kernel takes a mask with GQA at the same
+    # speed, so on the CPU the shared-prompt forward asks for it (an env var transformers reads per call).
+    masked_gqa = {"TRANSFORMERS_SDPA_FORCE_GQA": "1"} if shared and mask.device.type == "cpu" else {}
+    with mock.patch.dict(os.environ, masked_gqa):
+        if plain:
+            logits = model(**inputs).logits
+        else:
+            hidden = model.base_model(**inputs).last_hidden_state
     if plain:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_logps(logits, batch["labels"])
-    hidden = model.base_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    selected_hidden, selected_labels = hidden[:, :-1][mask], labels[mask]
-    rows = max(1, chunk_bytes // (4 * head.out_features))
-    selected = _ChunkedHeadLogps.apply(selected_hidden, head.weight, head.bias, selected_labels, rows)
-    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        if not shared:
+            return token_logps(logits, batch["labels"])
+        # fp32 for the same reason as in token_logps.
+        selected_logits = logits.flatten(0, 1)[batch["label_source"]].float()
+        selected = selected_logits.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+        selected = selected - torch.logsumexp(selected_logits, dim=-1)
+    else:
+        selected_hidden = hidden.flatten(0, 1)[batch["label_source"]] if shared else hidden[:, :-1][mask]
+        rows = max(1, chunk_bytes // (4 * head.out_features))
+        selected = _ChunkedHeadLogps.apply(selected_hidden, head.weight, head.bias, labels[mask], rows)
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return per_token.masked_scatter(mask, selected), mask
 
 

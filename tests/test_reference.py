@@ -2,15 +2,17 @@
 shared completions once, and the chunked LM-head log-probs."""
 
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpo_cli.cli import main
 from dpo_cli.config import LossConfig, ModelConfig
-from dpo_cli.data.batches import TokenizedExample, collate, tokenize_examples
+from dpo_cli.data.batches import TokenizedExample, collate, shared_prompt_layout, tokenize_examples
 from dpo_cli.logging import read_metrics
 from dpo_cli.logps import model_token_logps, token_logps
 from dpo_cli.models import load_model
@@ -112,6 +114,86 @@ def test_shared_completions_give_the_plain_pairwise_loss_and_gradients():
     # 12 sequences through each of policy and reference for 18 pairs, against 4 per pair.
     assert shared_metrics["forward_sequences_per_pair"] == pytest.approx(24 / 18)
     assert plain_metrics["forward_sequences_per_pair"] == 4
+
+
+def test_shared_prompt_layout_by_hand():
+    """Two prompts: (1, 2) with completions (3, 4) and (5,), and (7,) with (8, 9); pad id 0."""
+    sequences = [((1, 2), (3, 4)), ((1, 2), (5,)), ((7,), (8, 9))]
+    layout = shared_prompt_layout(sequences, pad_token_id=0)
+    assert layout["shared_input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0]]
+    # Each completion's positions go on from its prompt's end, as in its own prompt + completion row.
+    assert layout["shared_position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 0, 0]]
+    assert layout["prompt_attention"].shape == (2, 1, 5, 5)
+    assert layout["prompt_attention"][:, 0].int().tolist() == [
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]],
+        # Padding queries see the prompt and themselves; no query sees padding or another completion.
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 0, 1]],
+    ]
+    # Label tokens in sequence order: 3 and 4 (from flat positions 1 and 2), 5 (from the prompt's
+    # last token, 1), 8 (from 7 at row 1: 5 + 0) and 9 (from 8: 5 + 1).
+    assert layout["label_source"].tolist() == [1, 2, 1, 5, 6]
+
+
+def _gqa_llama(attention: str):
+    config = LlamaConfig(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attention,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompts_give_the_separate_rows_loss_and_gradients(attention):
+    """Each prompt once with its completions after it (a 4-D mask) is exact: the loss and gradients of
+    separate prompt + completion rows, for fewer tokens through the model."""
+    _, tokenizer = tiny_model()
+    model = _gqa_llama(attention)  # grouped-query attention, as in SmolLM2
+    reference = _gqa_llama(attention).eval()
+    examples = _examples(tokenizer)
+    separate = collate(examples, tokenizer.pad_token_id)
+    shared = collate(examples, tokenizer.pad_token_id, share_prompts=True)
+    assert separate.keys() <= shared.keys()
+    assert len(shared["shared_input_ids"]) == 3  # one row per prompt
+    # The 12 prompt copies (one per unique completion) become 3; the prompts are equally long.
+    tokens = int((shared["shared_input_ids"] != tokenizer.pad_token_id).sum())
+    assert tokens == int(separate["attention_mask"].sum()) - 9 * len(examples[0].prompt_ids)
+
+    loss_fn = make_loss_fn(OmegaConf.structured(LossConfig(name="dpo", beta=0.5)), reference)
+    params = list(model.parameters())
+    shared_loss, shared_metrics = loss_fn(model, shared)
+    separate_loss, separate_metrics = loss_fn(model, separate)
+    torch.testing.assert_close(shared_loss, separate_loss, atol=1e-6, rtol=0)
+    assert shared_metrics == pytest.approx(separate_metrics, abs=1e-6)
+    shared_grads, separate_grads = (
+        torch.autograd.grad(shared_loss, params),
+        torch.autograd.grad(separate_loss, params),
+    )
+    for a, b in zip(shared_grads, separate_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_shared_prompts_keep_grouped_kv_heads_on_cpu(monkeypatch):
+    """With a mask, transformers would copy the 2 K/V heads to 4 and save the copies for backward; on the
+    CPU the shared-prompt forward passes them to SDPA as they are (enable_gqa)."""
+    _, tokenizer = tiny_model()
+    batch = collate(_examples(tokenizer), tokenizer.pad_token_id, share_prompts=True)
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording_sdpa(query, key, value, **kwargs):
+        calls.append((key.shape[1], kwargs.get("enable_gqa", False), kwargs["attn_mask"] is not None))
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    model_token_logps(_gqa_llama("sdpa"), batch)
+    assert calls == [(2, True, True)] * 2  # both layers
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # set for the forward only
 
 
 def _table(checkpoint: Path, examples, cache_dir: Path, calls: list[int]):

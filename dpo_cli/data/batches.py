@@ -71,9 +71,12 @@ def collate(
     examples: list[TokenizedExample],
     pad_token_id: int,
     ref_logps: RefTable | None = None,
+    *,
+    share_prompts: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The batch of `examples`; with `ref_logps` (precomputed reference log-probs by sequence), also
-    `ref_logps`, the reference log-prob of each unique row."""
+    `ref_logps`, the reference log-prob of each unique row; with `share_prompts`, also the rows'
+    `shared_prompt_layout`, which the models run instead of `input_ids` (see `logps.model_token_logps`)."""
     rows: dict[Sequence, int] = {}
     index = [[rows.setdefault((ex.prompt_ids, c), len(rows)) for c in ex.completion_ids] for ex in examples]
     num_completions = max(len(i) for i in index)
@@ -98,7 +101,62 @@ def collate(
     }
     if ref_logps is not None:
         batch["ref_logps"] = torch.tensor([ref_logps[row] for row in rows], dtype=torch.float32)
+    if share_prompts:
+        batch |= shared_prompt_layout(list(rows), pad_token_id)
     return batch
+
+
+def shared_prompt_layout(sequences: list[Sequence], pad_token_id: int) -> Batch:
+    """The sequences packed one prompt a row: the prompt once, then each of its completions.
+
+    A completion attends to its prompt and to itself only (`prompt_attention`, (R, 1, T, T), True where a
+    query may see a key) and its positions restart where the prompt ends, so each completion's log-probs
+    are those of prompt + completion alone, while the prompt's tokens go through the model once instead
+    of once per completion (a pair's prompt: 2x -> 1x; 4 sentiment samples: 4x -> 1x).
+    `label_source` gives, for every label token in the row-major order of `labels[:, 1:] != -100`,
+    the flat (row * T + position) index of the position whose output predicts it: the prompt's last token
+    for a completion's first token, else the token before.
+    """
+    groups: dict[tuple[int, ...], list[tuple[int, ...]]] = defaultdict(list)
+    for prompt, completion in sequences:
+        groups[prompt].append(completion)
+    length = max(len(prompt) + sum(map(len, completions)) for prompt, completions in groups.items())
+    input_ids = torch.full((len(groups), length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), length), dtype=torch.long)
+    segment = torch.full((len(groups), length), -1)  # -1 padding, 0 prompt, k the k-th completion
+    where: dict[Sequence, tuple[int, int]] = {}  # sequence -> (row, offset of its completion)
+    for row, (prompt, completions) in enumerate(groups.items()):
+        input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        position_ids[row, : len(prompt)] = torch.arange(len(prompt))
+        segment[row, : len(prompt)] = 0
+        offset = len(prompt)
+        for k, completion in enumerate(completions, start=1):
+            span = slice(offset, offset + len(completion))
+            input_ids[row, span] = torch.tensor(completion, dtype=torch.long)
+            position_ids[row, span] = torch.arange(len(prompt), len(prompt) + len(completion))
+            segment[row, span] = k
+            where[(prompt, completion)] = (row, offset)
+            offset += len(completion)
+    label_source = []
+    for prompt, completion in sequences:
+        row, offset = where[(prompt, completion)]
+        # Sequence position j >= 1 (the label shift drops j = 0) holds completion token j - len(prompt);
+        # it is predicted from sequence position j - 1: prompt positions are the same in the packed row,
+        # completion positions move by `offset - len(prompt)`.
+        for j in range(max(len(prompt), 1), len(prompt) + len(completion)):
+            source = j - 1 if j - 1 < len(prompt) else offset + j - 1 - len(prompt)
+            label_source.append(row * length + source)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    key, query = segment[:, None, :], segment[:, :, None]
+    visible = causal & (key >= 0) & ((key == 0) | (key == query))
+    # Every query keeps itself, so a padding row of the mask is never empty (no NaN from softmax).
+    visible |= torch.eye(length, dtype=torch.bool)
+    return {
+        "shared_input_ids": input_ids,
+        "shared_position_ids": position_ids,
+        "prompt_attention": visible.unsqueeze(1),
+        "label_source": torch.tensor(label_source, dtype=torch.long),
+    }
 
 
 def tokenize_splits(
@@ -118,11 +176,16 @@ def tokenize_splits(
 
 
 def make_batches(
-    examples: list[TokenizedExample], batch_size: int, pad_token_id: int, ref_logps: RefTable | None = None
+    examples: list[TokenizedExample],
+    batch_size: int,
+    pad_token_id: int,
+    ref_logps: RefTable | None = None,
+    *,
+    share_prompts: bool = False,
 ) -> list[Batch]:
     """Fixed, in-order batches (eval): the same examples in the same batches at every eval point."""
     return [
-        collate(examples[i : i + batch_size], pad_token_id, ref_logps)
+        collate(examples[i : i + batch_size], pad_token_id, ref_logps, share_prompts=share_prompts)
         for i in range(0, len(examples), batch_size)
     ]
 
@@ -199,16 +262,18 @@ def train_batches(
     rank: int = 0,
     world_size: int = 1,
     ref_logps: RefTable | None = None,
+    share_prompts: bool = False,
 ) -> Iterator[Batch]:
     """The micro-batches of `batch_order`, collated; `skip` drops that many without building them (resume).
 
     Each batch carries `example_ids`, its examples' indices, to name them when something goes wrong.
     With several ranks, every rank walks the same order and takes every `world_size`-th micro-batch
     (from its `rank`-th on), so one optimizer step sees the examples one process would.
-    With `ref_logps` (precomputed reference log-probs), each batch carries its rows' `ref_logps`.
+    With `ref_logps` (precomputed reference log-probs), each batch carries its rows' `ref_logps`;
+    with `share_prompts`, its shared-prompt layout (`collate`).
     """
     order = batch_order(examples, microbatch_size, seed=seed, by_prompt=by_prompt)
     for position, ids in enumerate(itertools.islice(order, skip, None)):
         if position % world_size == rank:
-            batch = collate([examples[i] for i in ids], pad_token_id, ref_logps)
+            batch = collate([examples[i] for i in ids], pad_token_id, ref_logps, share_prompts=share_prompts)
             yield batch | {"example_ids": torch.tensor(ids)}

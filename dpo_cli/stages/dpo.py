@@ -170,7 +170,10 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         sequences = unique_sequences(held_out)
         logps = score_sequences(ref_model, sequences, pad, device)
         ref_table = dict(zip(sequences, logps.tolist(), strict=True))
-    eval_batches = make_batches(held_out, cfg.trainer.microbatch_size_examples, pad, ref_table)
+    share = cfg.trainer.share_prompts
+    eval_batches = make_batches(
+        held_out, cfg.trainer.microbatch_size_examples, pad, ref_table, share_prompts=share
+    )
 
     loss_fn = make_loss_fn(cfg.loss, ref_model)
     logger = RunLogger(cfg, run_dir)
@@ -192,6 +195,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         logger,
         device,
         ref_logps=ref_table if cfg.ref.precompute else None,
+        share_prompts=share,
     )
     logger.close()
     engine.finish(run_dir, "dpo-run -m dpo beta=0.05,0.1,1,5", "a beta sweep traces the reward/KL frontier")
