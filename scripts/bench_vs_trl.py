@@ -13,11 +13,14 @@ our product's order (dpo_cli.data.batches.train_batches, same seed), through
 
 identical: synthetic pairs, every prompt + completion exactly 64 tokens (16 + 48 with EOS), no shared
   completions, the reference online on both sides (ours: ref.precompute=false, batch_by_prompt=false,
-  heap_trim=true: the configuration for a memory-bound run; speed and memory come from the same run).
-  Per side: median s/step after the warm-up steps (ours: batch / train/examples_per_second of
-  metrics.jsonl; TRL: on_step_begin..on_step_end), non-pad tokens/s, peak RSS, the first 5 per-step losses
-  (must agree within 1e-3 relative), MFU = 8 * N * tokens per step (6N policy fwd+bwd, 2N reference fwd;
-  N = parameters, the tied LM head counted once) / s_per_step / fp32 torch.mm peak measured on 2048^2.
+  heap_trim=true: the configuration for a memory-bound run; speed and memory come from the same runs).
+  --rounds runs of each side (default 2), alternating ours, TRL, ours, TRL, so a slow spell of the
+  machine falls on both. Per side: median s/step over the timed steps of all its rounds (ours: batch /
+  train/examples_per_second of metrics.jsonl; TRL: on_step_begin..on_step_end) and per round, non-pad
+  tokens/s of the pairs, the highest peak RSS of its rounds, the first 5 per-step losses (must agree
+  within 1e-3 relative), MFU = 8 * N * tokens through the models per step (6N policy fwd+bwd, 2N reference
+  fwd; N = parameters, the tied LM head counted once; ours puts each prompt through once:
+  trainer.share_prompts) / s_per_step / fp32 torch.mm peak measured on 2048^2.
 epoch: the embedded ranked sentiment records (4 responses per opening, all 6 pairs, min_reward_gap=0),
   one epoch over a fixed number of pairs, each side in its best supported configuration: ours with its
   defaults (ref.precompute, batch_by_prompt=true, an empty ref.cache_dir); TRL with
@@ -261,7 +264,7 @@ def trl_side(a: argparse.Namespace, work: Path) -> None:
 
 
 # ---------------------------------------------------------------- parent
-def ours(a: argparse.Namespace, work: Path, name: str, extra: str) -> tuple[dict, list[dict]]:
+def ours(a: argparse.Namespace, work: Path, name: str, extra: str, tag: str = "") -> tuple[dict, list[dict]]:
     overrides = (
         f"sft_checkpoint={work / 'model'} model={a.model} loss=dpo beta=0.1 lr={a.lr} seed=0 "
         f"trainer.optimizer=adamw trainer.weight_decay=0 trainer.lr_warmup_steps=0 trainer.max_grad_norm=10 "
@@ -269,12 +272,12 @@ def ours(a: argparse.Namespace, work: Path, name: str, extra: str) -> tuple[dict
         f"trainer.microbatch_size_examples={(name == 'identical' and a.our_microbatch) or BATCH[name]} "
         "trainer.device=cpu "
         f"trainer.eval_every_steps=100000 trainer.num_threads={a.threads} eval.num_prompts=0 "
-        f"data.max_eval_examples={EVAL_PAIRS} logger=none output_root={work / ('ours_' + name)} "
+        f"data.max_eval_examples={EVAL_PAIRS} logger=none output_root={work / ('ours_' + name + tag)} "
         f"exp_name=bench run_name={name} {extra}"
     )
     cmd = [sys.executable, "-m", "dpo_cli.cli", "dpo", *overrides.split()]
-    run = run_child(cmd, work / f"ours_{name}.log", a.threads)
-    (path,) = (work / f"ours_{name}").rglob("metrics.jsonl")
+    run = run_child(cmd, work / f"ours_{name}{tag}.log", a.threads)
+    (path,) = (work / f"ours_{name}{tag}").rglob("metrics.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return run, sorted((r for r in rows if "train/loss" in r), key=lambda r: r["step"])
 
@@ -303,28 +306,41 @@ def identical(a: argparse.Namespace, work: Path, prep_out: dict) -> tuple[float,
     extra += "trainer.batch_by_prompt=false "
     extra += f"trainer.max_steps={a.warmup_steps + a.timed_steps}"
     extra += " ref.precompute=false" if prep_out["has_ref"] else ""
-    our_run, rows = ours(a, work, "identical", extra)
-    trl_run, record = trl(a, work, "identical", precompute=False)
-    # Non-pad tokens per step, the same on both sides (checked in prep).
+    # Rounds alternate the sides (ours, TRL, ours, TRL, ...) so that a slow spell of the machine falls on
+    # both; each side's figure is the median of its timed steps over all its rounds.
+    rounds: dict[str, list[tuple[dict, list[float], list[float]]]] = {"ours": [], "trl": []}
+    for r in range(a.rounds):
+        our_run, rows = ours(a, work, "identical", extra, tag=f"_{r}")
+        our_seconds = [BATCH["identical"] / row["train/examples_per_second"] for row in rows]
+        rounds["ours"].append((our_run, our_seconds, [row["train/loss"] for row in rows]))
+        trl_run, record = trl(a, work, "identical", precompute=False)
+        rounds["trl"].append((trl_run, record["step_seconds"], record["losses"]))
+    # Non-pad tokens of the pairs per step, the same on both sides (checked in prep); what each side puts
+    # through the models: TRL each pair's 2 sequences, ours (trainer.share_prompts) the prompt once.
     tokens = 2 * SEQUENCE_TOKENS * BATCH["identical"]
-    flops = 8 * prep_out["params"] * tokens
-    our_seconds = [BATCH["identical"] / r["train/examples_per_second"] for r in rows]
-    sides = {
-        "ours": (our_run, our_seconds, [r["train/loss"] for r in rows]),
-        "trl": (trl_run, record["step_seconds"], record["losses"]),
-    }
-    medians = {}
-    for side, (run, seconds, losses) in sides.items():
-        medians[side] = s = statistics.median(seconds[a.warmup_steps :])
-        show("identical", side, run, s_per_step=f"{s:.4f}", tokens_per_s=f"{tokens / s:.1f}")
+    model_tokens = {"ours": tokens - PROMPT_TOKENS * BATCH["identical"], "trl": tokens}
+    print(f"identical rounds={a.rounds} (ours, trl alternating) timed_steps_per_round={a.timed_steps}")
+    medians, peaks = {}, {}
+    for side, side_rounds in rounds.items():
+        timed = [seconds[a.warmup_steps :] for _, seconds, _ in side_rounds]
+        medians[side] = s = statistics.median(x for seconds in timed for x in seconds)
+        runs = [run for run, _, _ in side_rounds]
+        worst = {"rss_mib": max(r["rss_mib"] for r in runs), "other_load": max(r["other_load"] for r in runs)}
+        peaks[side] = worst["rss_mib"]
+        by_round = " ".join(f"{statistics.median(seconds):.3f}" for seconds in timed)
+        show("identical", side, worst, s_per_step=f"{s:.4f}", s_per_step_by_round=by_round)
+        print(f"identical {side} tokens_per_s={tokens / s:.1f} model_tokens_per_step={model_tokens[side]}")
+        # 8 N FLOPs per token through the models: 6 N policy forward + backward, 2 N reference forward.
+        flops = 8 * prep_out["params"] * model_tokens[side]
         print(f"identical {side} mfu={flops / s / prep_out['peak_flops']:.4f}")
+        losses = side_rounds[0][2]
         print(f"identical {side} losses_first5={' '.join(f'{x:.6f}' for x in losses[:5])}")
-    pairs = list(zip(sides["ours"][2][:5], sides["trl"][2][:5], strict=True))  # fewer with < 5 steps
+    pairs = list(zip(rounds["ours"][0][2][:5], rounds["trl"][0][2][:5], strict=True))  # fewer with < 5 steps
     diff = max(abs(x - y) / abs(y) for x, y in pairs)
     moved = max(abs(y - math.log(2)) for _, y in pairs)
     verdict = f"{'PASS' if diff < 1e-3 else 'FAIL'} (first {len(pairs)} steps"
     print(f"identical loss_max_rel_diff={diff:.2e} {verdict}; losses move up to {moved:.4f} from ln 2)")
-    return medians["trl"] / medians["ours"], our_run["rss_mib"] / trl_run["rss_mib"]
+    return medians["trl"] / medians["ours"], peaks["ours"] / peaks["trl"]
 
 
 def epoch(a: argparse.Namespace, work: Path, prep_out: dict) -> tuple[float, float]:
@@ -363,6 +379,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, help="default: tiny 1e-3, smollm2_135m 5e-6")
     p.add_argument("--warmup-steps", type=int, help="identical: untimed first steps (default 5)")
     p.add_argument("--timed-steps", type=int, help="identical: timed steps (default: tiny 30, smollm2 10)")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="identical: runs of each side, alternating (default 2)"
+    )
     p.add_argument("--epoch-pairs", type=int, help="epoch: pairs, a multiple of 24 (tiny 480, smollm2 192)")
     p.add_argument(
         "--our-microbatch",
