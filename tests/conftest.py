@@ -3,6 +3,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 # No network, no wandb account, no tokenizer thread pools fighting pytest for the 2 cores.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -10,6 +12,25 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def gqa_llama(*, mlp_bias: bool = False, attention: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+    """A seeded tiny Llama with grouped-query attention (4 heads, 2 K/V heads), as in SmolLM2; its
+    vocabulary (300) covers the tiny byte tokenizer's 259 ids."""
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_bias=mlp_bias,
+        tie_word_embeddings=True,
+        attn_implementation=attention,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).float()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -7,27 +7,12 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpo_cli import lean
 from dpo_cli.cli import main
 from dpo_cli.logging import read_metrics
 from dpo_cli.logps import model_token_logps
-
-
-def llama(mlp_bias: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mlp_bias=mlp_bias,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).float()
+from tests.conftest import gqa_llama
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -58,7 +43,7 @@ def saved_bytes(model: torch.nn.Module, inputs: dict[str, torch.Tensor], monkeyp
 
 @pytest.mark.parametrize("mlp_bias, trim_heap", [(False, False), (True, True)])
 def test_lean_blocks_give_the_same_values_and_gradients(mlp_bias, trim_heap):
-    plain = llama(mlp_bias)
+    plain = gqa_llama(mlp_bias=mlp_bias)
     leaned = copy.deepcopy(plain)
     # 2 layers x (2 RMSNorms + 1 MLP) + the final norm.
     assert lean.apply(leaned, trim_heap=trim_heap) == 7
@@ -79,7 +64,7 @@ def test_lean_blocks_give_the_same_values_and_gradients(mlp_bias, trim_heap):
 
 
 def test_lean_blocks_save_less_for_backward(monkeypatch):
-    plain = llama()
+    plain = gqa_llama()
     leaned = copy.deepcopy(plain)
     lean.apply(leaned)
     inputs = batch()
@@ -103,8 +88,8 @@ def test_other_modules_are_left_alone():
 
 
 def test_auto_turns_lean_memory_on_only_for_real_model_sizes():
-    assert not lean.wanted("auto", llama())  # ~30k parameters: a toy
-    assert lean.wanted("on", llama()) and not lean.wanted("off", llama())
+    assert not lean.wanted("auto", gqa_llama())  # ~30k parameters: a toy
+    assert lean.wanted("on", gqa_llama()) and not lean.wanted("off", gqa_llama())
     big = torch.nn.Linear(1, lean.AUTO_MIN_PARAMETERS, bias=False)
     assert lean.wanted("auto", big)
 

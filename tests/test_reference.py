@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpo_cli.cli import main
 from dpo_cli.config import LossConfig, ModelConfig
@@ -24,6 +23,7 @@ from dpo_cli.reference import (
     unique_sequences,
 )
 from dpo_cli.stages.dpo import make_loss_fn
+from tests.conftest import gqa_llama
 
 
 def tiny_model(seed: int = 0):
@@ -134,28 +134,13 @@ def test_shared_prompt_layout_by_hand():
     assert layout["label_source"].tolist() == [1, 2, 1, 5, 6]
 
 
-def _gqa_llama(attention: str):
-    config = LlamaConfig(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attention,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config)
-
-
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompts_give_the_separate_rows_loss_and_gradients(attention):
     """Each prompt once with its completions after it (a 4-D mask) is exact: the loss and gradients of
     separate prompt + completion rows, for fewer tokens through the model."""
     _, tokenizer = tiny_model()
-    model = _gqa_llama(attention)  # grouped-query attention, as in SmolLM2
-    reference = _gqa_llama(attention).eval()
+    model = gqa_llama(attention=attention)  # grouped-query attention, as in SmolLM2
+    reference = gqa_llama(attention=attention, seed=1).eval()
     examples = _examples(tokenizer)
     separate = collate(examples, tokenizer.pad_token_id)
     shared = collate(examples, tokenizer.pad_token_id, share_prompts=True)
@@ -191,7 +176,7 @@ def test_shared_prompts_keep_grouped_kv_heads_on_cpu(monkeypatch):
         return sdpa(query, key, value, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
-    model_token_logps(_gqa_llama("sdpa"), batch)
+    model_token_logps(gqa_llama(), batch)
     assert calls == [(2, True, True)] * 2  # both layers
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # set for the forward only
 
