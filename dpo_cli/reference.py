@@ -13,6 +13,7 @@ runs the reference, and every job of a beta sweep after the first reads the cach
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -66,16 +67,28 @@ def score_sequences(
     pad_token_id: int,
     device: torch.device,
     batch_size_sequences: int = 16,
+    *,
+    share_prompts: bool = False,
 ) -> torch.Tensor:
-    """(N,) float32 log pi(completion | prompt) of every sequence, summed over completion tokens."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    """(N,) float32 log pi(completion | prompt) of every sequence, summed over completion tokens.
+
+    Batches of about `batch_size_sequences` sequences in length order (little padding); with
+    `share_prompts`, a prompt's sequences share a batch, where the prompt goes through the model once
+    (`collate`).
+    """
+    groups: dict[object, list[int]] = defaultdict(list)
+    for i, (prompt, _) in enumerate(sequences):
+        groups[prompt if share_prompts else i].append(i)
+    order = sorted(groups.values(), key=lambda g: max(len(sequences[i][0]) + len(sequences[i][1]) for i in g))
+    batches: list[list[int]] = [[]]
+    for group in order:
+        if len(batches[-1]) >= batch_size_sequences:
+            batches.append([])
+        batches[-1] += group
     out = torch.empty(len(sequences), dtype=torch.float32)
-    for start in tqdm(
-        range(0, len(order), batch_size_sequences), desc="reference log-probs", unit="batch", leave=False
-    ):
-        ids = order[start : start + batch_size_sequences]
+    for ids in tqdm(batches, desc="reference log-probs", unit="batch", leave=False):
         examples = [TokenizedExample(sequences[i][0], (sequences[i][1],)) for i in ids]
-        batch = collate(examples, pad_token_id)
+        batch = collate(examples, pad_token_id, share_prompts=share_prompts)
         per_token, mask = model_token_logps(model, {k: v.to(device) for k, v in batch.items()})
         # The sequences are unique, so row index[i, 0] holds sequence ids[i].
         out[ids] = (per_token * mask).sum(-1)[batch["index"][:, 0].to(device)].float().cpu()
@@ -89,6 +102,7 @@ def precomputed_table(
     directory: Path,
     pad_token_id: int,
     device: torch.device,
+    share_prompts: bool = False,
 ) -> RefTable:
     """log pi_ref of every unique sequence of `examples`: read from the reference's cache `directory`
     (`cache_dir_for`), the missing ones scored with `load_reference()` (called only when some are missing)
@@ -100,7 +114,7 @@ def precomputed_table(
     if distributed.all_true(not missing):
         print(f"reference: all {len(sequences)} sequences' log-probs read from {directory}")
         return {s: cached[s] for s in sequences}
-    logps = score_sequences(load_reference(), missing, pad_token_id, device)
+    logps = score_sequences(load_reference(), missing, pad_token_id, device, share_prompts=share_prompts)
     if distributed.is_main():
         name = "part-" + hashlib.sha256(repr(missing).encode()).hexdigest()[:16] + ".pt"
         entry = {"sequences": [list(map(list, s)) for s in missing], "logps": logps}

@@ -181,6 +181,27 @@ def test_shared_prompts_keep_grouped_kv_heads_on_cpu(monkeypatch):
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # set for the forward only
 
 
+def test_reference_scoring_puts_each_prompt_through_once(monkeypatch):
+    """Scoring with shared prompts: a prompt's sequences share a batch, one row per prompt, and the
+    log-probs equal scoring each sequence alone."""
+    _, tokenizer = tiny_model()
+    model, cpu = gqa_llama().eval(), torch.device("cpu")
+    sequences = unique_sequences(_examples(tokenizer))  # 3 prompts x 4 completions
+    alone = score_sequences(model, sequences, tokenizer.pad_token_id, cpu, batch_size_sequences=1)
+    rows = []
+
+    def recording(model, batch):
+        rows.append((len(batch["input_ids"]), len(batch["shared_input_ids"])))
+        return model_token_logps(model, batch)
+
+    monkeypatch.setattr("dpo_cli.reference.model_token_logps", recording)
+    shared = score_sequences(
+        model, sequences, tokenizer.pad_token_id, cpu, batch_size_sequences=5, share_prompts=True
+    )
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
+    assert rows == [(8, 2), (4, 1)]  # whole prompts: 2 then 1, each through the model once
+
+
 def _table(checkpoint: Path, examples, cache_dir: Path, calls: list[int]):
     def load_reference():
         calls.append(1)

@@ -154,7 +154,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     # The reference is frozen, so its log-probs of the held-out batches are computed once (not at every
     # eval point), and with ref.precompute those of the training data too: then it is loaded only to
     # score a cache miss or to measure the KL of samples at the frontier's eval points.
-    pad = tokenizer.pad_token_id
+    pad, share = tokenizer.pad_token_id, cfg.trainer.share_prompts
     ref_model = load_reference() if not cfg.ref.precompute or cfg.eval.num_prompts else None
     if cfg.ref.precompute:
         numerics = f"{cfg.model.dtype}|{device.type}|{cfg.trainer.engine}"
@@ -165,12 +165,12 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
             directory=cache,
             pad_token_id=pad,
             device=device,
+            share_prompts=share,
         )
     else:
         sequences = unique_sequences(held_out)
-        logps = score_sequences(ref_model, sequences, pad, device)
+        logps = score_sequences(ref_model, sequences, pad, device, share_prompts=share)
         ref_table = dict(zip(sequences, logps.tolist(), strict=True))
-    share = cfg.trainer.share_prompts
     eval_batches = make_batches(
         held_out, cfg.trainer.microbatch_size_examples, pad, ref_table, share_prompts=share
     )
