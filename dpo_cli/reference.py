@@ -3,11 +3,12 @@
 The reference is frozen and runs in eval mode (no dropout), so log pi_ref(y|x) of a sequence is a
 constant of the reference weights and the token ids. Before training, every unique sequence the run will
 see (its training examples in data order, and the held-out ones) is looked up in the cache and the
-missing ones are scored once, in length-sorted batches (little padding). The cache is
-`ref.cache_dir/<key>/part-*.pt`, `key` hashing the reference checkpoint's files and the numerics (dtype,
-device, engine); entries are keyed by the exact token ids, so another dataset, tokenizer or length budget
-simply misses, and another checkpoint is another directory: a stale value is never read. Training never
-runs the reference, and every job of a beta sweep after the first reads the cache instead of scoring.
+missing ones are scored once, in length-sorted batches (little padding; with shared prompts, each prompt
+once). The cache is `ref.cache_dir/<key>/part-*.pt`, `key` hashing the reference checkpoint's files and
+the numerics (dtype, device, engine); entries are keyed by the exact token ids, so another dataset,
+tokenizer or length budget simply misses, and another checkpoint is another directory: a stale value is
+never read. Training never runs the reference, and every job of a beta sweep after the first reads the
+cache instead of scoring.
 """
 
 from __future__ import annotations
