@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpo_cli.cli import main
 from dpo_cli.config import LossConfig, ModelConfig
@@ -134,13 +135,39 @@ def test_shared_prompt_layout_by_hand():
     assert layout["label_source"].tolist() == [1, 2, 1, 5, 6]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_shared_prompts_give_the_separate_rows_loss_and_gradients(attention):
+def _gpt2(attention: str, seed: int) -> GPT2LMHeadModel:
+    # Learned absolute positions; no dropout, so train-mode forwards are deterministic.
+    config = GPT2Config(
+        vocab_size=300,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation=attention,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize(
+    "architecture, attention", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")]
+)
+def test_shared_prompts_give_the_separate_rows_loss_and_gradients(architecture, attention):
     """Each prompt once with its completions after it (a 4-D mask) is exact: the loss and gradients of
-    separate prompt + completion rows, for fewer tokens through the model."""
+    separate prompt + completion rows, for fewer tokens through the model. Llama: rotary positions and
+    grouped-query attention, as in SmolLM2; GPT-2: learned positions."""
     _, tokenizer = tiny_model()
-    model = gqa_llama(attention=attention)  # grouped-query attention, as in SmolLM2
-    reference = gqa_llama(attention=attention, seed=1).eval()
+    if architecture == "llama":
+        model, reference = gqa_llama(attention=attention), gqa_llama(attention=attention, seed=1)
+    else:
+        model, reference = _gpt2(attention, seed=0), _gpt2(attention, seed=1)
+    reference.eval()
+    assert model.config._attn_implementation == attention
     examples = _examples(tokenizer)
     separate = collate(examples, tokenizer.pad_token_id)
     shared = collate(examples, tokenizer.pad_token_id, share_prompts=True)
