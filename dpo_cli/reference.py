@@ -81,9 +81,9 @@ def score_sequences(
     for i, (prompt, _) in enumerate(sequences):
         groups[prompt if share_prompts else i].append(i)
     order = sorted(groups.values(), key=lambda g: max(len(sequences[i][0]) + len(sequences[i][1]) for i in g))
-    batches: list[list[int]] = [[]]
+    batches: list[list[int]] = []
     for group in order:
-        if len(batches[-1]) >= batch_size_sequences:
+        if not batches or len(batches[-1]) >= batch_size_sequences:
             batches.append([])
         batches[-1] += group
     out = torch.empty(len(sequences), dtype=torch.float32)

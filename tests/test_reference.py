@@ -227,6 +227,9 @@ def test_reference_scoring_puts_each_prompt_through_once(monkeypatch):
     )
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
     assert rows == [(8, 2), (4, 1)]  # whole prompts: 2 then 1, each through the model once
+    # Nothing to score (a rank whose sequences are all cached while another's are not): no batch.
+    assert score_sequences(model, [], tokenizer.pad_token_id, cpu, share_prompts=True).shape == (0,)
+    assert len(rows) == 2
 
 
 def _table(checkpoint: Path, examples, cache_dir: Path, calls: list[int]):
