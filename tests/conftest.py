@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 # No network, no wandb account, no tokenizer thread pools fighting pytest for the 2 cores.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -28,9 +28,31 @@ def gqa_llama(*, mlp_bias: bool = False, attention: str = "sdpa", seed: int = 0)
         tie_word_embeddings=True,
         attn_implementation=attention,
     )
+    return _seeded(LlamaForCausalLM, config, seed)
+
+
+def tiny_gpt2(*, attention: str = "sdpa", seed: int = 0) -> GPT2LMHeadModel:
+    """A seeded tiny GPT-2 (learned absolute positions) without dropout, so train-mode forwards are
+    deterministic; vocabulary 300, as `gqa_llama`."""
+    config = GPT2Config(
+        vocab_size=300,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation=attention,
+    )
+    return _seeded(GPT2LMHeadModel, config, seed)
+
+
+def _seeded(model_class, config, seed: int) -> PreTrainedModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config).float()
+        return model_class(config).float()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

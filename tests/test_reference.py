@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpo_cli.cli import main
 from dpo_cli.config import LossConfig, ModelConfig
@@ -24,7 +23,7 @@ from dpo_cli.reference import (
     unique_sequences,
 )
 from dpo_cli.stages.dpo import make_loss_fn
-from tests.conftest import gqa_llama
+from tests.conftest import gqa_llama, tiny_gpt2
 
 
 def tiny_model(seed: int = 0):
@@ -135,25 +134,6 @@ def test_shared_prompt_layout_by_hand():
     assert layout["label_source"].tolist() == [1, 2, 1, 5, 6]
 
 
-def _gpt2(attention: str, seed: int) -> GPT2LMHeadModel:
-    # Learned absolute positions; no dropout, so train-mode forwards are deterministic.
-    config = GPT2Config(
-        vocab_size=300,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        attn_implementation=attention,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return GPT2LMHeadModel(config)
-
-
 @pytest.mark.parametrize(
     "architecture, attention", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")]
 )
@@ -165,7 +145,7 @@ def test_shared_prompts_give_the_separate_rows_loss_and_gradients(architecture, 
     if architecture == "llama":
         model, reference = gqa_llama(attention=attention), gqa_llama(attention=attention, seed=1)
     else:
-        model, reference = _gpt2(attention, seed=0), _gpt2(attention, seed=1)
+        model, reference = tiny_gpt2(attention=attention), tiny_gpt2(attention=attention, seed=1)
     reference.eval()
     assert model.config._attn_implementation == attention
     examples = _examples(tokenizer)
