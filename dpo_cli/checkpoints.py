@@ -23,7 +23,7 @@ import transformers.modeling_utils
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_cli import distributed
-from dpo_cli.config import RunStopped
+from dpo_cli.errors import RunStopped
 
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")

@@ -21,7 +21,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import distributed
-from dpo_cli.config import Config, ConfigError, RunStopped, conf_dir, validate
+from dpo_cli.config import Config, conf_dir, validate
+from dpo_cli.errors import ConfigError, RunStopped
 
 # name -> (module with `run(cfg, run_dir)`, one-line description). The help text is generated from this.
 STAGES: dict[str, tuple[str, str]] = {

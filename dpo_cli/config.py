@@ -14,17 +14,11 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dpo_cli.errors import ConfigError
+
 STAGES = ("sft", "dpo", "prefs", "eval", "winrate")
 LOSSES = ("sft", "dpo", "ipo", "cdpo", "preferred_ft", "unlikelihood", "plackett_luce")
 PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the CLI prints it on one line and exits with code 2."""
-
-
-class RunStopped(RuntimeError):
-    """Training stopped on purpose (non-finite loss, Ctrl-C); the message says why and what was kept."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from dpo_cli.config import ConfigError
+from dpo_cli.errors import ConfigError
 
 # Stages that train, and so run as several ranks under DeepSpeed; the others always run in one process.
 TRAINING_STAGES = ("sft", "dpo")

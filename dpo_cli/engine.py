@@ -42,8 +42,8 @@ from dpo_cli.checkpoints import (
     save_model,
     save_resumable,
 )
-from dpo_cli.config import ConfigError, RunStopped
 from dpo_cli.data.batches import Batch, RefTable, TokenizedExample, batch_order, train_batches
+from dpo_cli.errors import ConfigError, RunStopped
 from dpo_cli.evaluate import FrontierEvaluator
 from dpo_cli.logging import RunLogger
 from dpo_cli.models import resolve_device

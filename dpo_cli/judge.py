@@ -35,7 +35,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dpo_cli.config import ConfigError, JudgeConfig
+from dpo_cli.config import JudgeConfig
+from dpo_cli.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------
 # Prompts (modelled on the structure of the paper's App. C.2; the wording is ours)

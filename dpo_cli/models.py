@@ -17,7 +17,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dpo_cli.config import ConfigError, ModelConfig
+from dpo_cli.config import ModelConfig
+from dpo_cli.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from dpo_cli.config import ConfigError, RewardConfig
+from dpo_cli.config import RewardConfig
+from dpo_cli.errors import ConfigError
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 

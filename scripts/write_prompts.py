@@ -13,8 +13,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from dpo_cli.config import ConfigError, conf_dir
+from dpo_cli.config import conf_dir
 from dpo_cli.data import load_splits
+from dpo_cli.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:

@@ -7,9 +7,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from dpo_cli.config import ConfigError, DataConfig, conf_dir, validate
+from dpo_cli.config import DataConfig, conf_dir, validate
 from dpo_cli.data import ADAPTERS, load_splits, pair_view, sft_view
 from dpo_cli.data.hub import HUB_ADAPTERS, imdb_record
+from dpo_cli.errors import ConfigError
 from tests.conftest import write_jsonl
 
 HH_PROMPT = (

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from dpo_cli.config import ConfigError, DataConfig
+from dpo_cli.config import DataConfig
 from dpo_cli.data import load_splits, pair_view, ranked_view, read_jsonl, sft_view
 from dpo_cli.data.batches import collate, tokenize_examples
+from dpo_cli.errors import ConfigError
 from dpo_cli.models import tiny_tokenizer
 from tests.conftest import write_jsonl
 

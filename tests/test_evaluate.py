@@ -7,7 +7,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from dpo_cli.config import ConfigError, EvalConfig, RewardConfig
+from dpo_cli.config import EvalConfig, RewardConfig
+from dpo_cli.errors import ConfigError
 from dpo_cli.evaluate import FrontierEvaluator, best_of_n, completion_logps, distinct_n
 from dpo_cli.models import tiny_tokenizer
 from dpo_cli.rewards import hf_classifier_reward, vader_reward

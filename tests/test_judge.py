@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_cli.config import ConfigError, JudgeConfig
+from dpo_cli.config import JudgeConfig
+from dpo_cli.errors import ConfigError
 from dpo_cli.judge import ChatJudge, Comparison, RewardJudge, parse_verdict, summarize, wilson_interval
 
 # A reply: (HTTP status, the assistant's answer or an error body, seconds to wait before replying).

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dpo_cli import checkpoints
 from dpo_cli.cli import main
-from dpo_cli.config import RunStopped
+from dpo_cli.errors import RunStopped
 from dpo_cli.logging import read_metrics
 from tests.conftest import write_jsonl
 

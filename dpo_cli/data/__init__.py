@@ -17,8 +17,9 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from dpo_cli.config import ConfigError, DataConfig
+from dpo_cli.config import DataConfig
 from dpo_cli.data.hub import HUB_ADAPTERS
+from dpo_cli.errors import ConfigError
 
 SHIPPED_SENTIMENT = Path(__file__).resolve().parent / "sentiment" / "records.jsonl"
 SHIPPED_OPENINGS = Path(__file__).resolve().parent / "sentiment" / "openings.jsonl"

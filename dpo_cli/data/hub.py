@@ -22,7 +22,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from dpo_cli.config import ConfigError, DataConfig
+from dpo_cli.config import DataConfig
+from dpo_cli.errors import ConfigError
 
 SPLITS = ("train", "test")
 LOCAL_FORMATS = {

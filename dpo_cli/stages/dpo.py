@@ -14,9 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import engine
-from dpo_cli.config import PREFERENCE_LOSSES, ConfigError, LossConfig
+from dpo_cli.config import PREFERENCE_LOSSES, LossConfig
 from dpo_cli.data import example_splits, pair_view, ranked_view
 from dpo_cli.data.batches import make_batches, tokenize_splits
+from dpo_cli.errors import ConfigError
 from dpo_cli.evaluate import make_frontier
 from dpo_cli.logging import RunLogger
 from dpo_cli.logps import model_token_logps

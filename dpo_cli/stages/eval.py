@@ -11,8 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dpo_cli import engine
-from dpo_cli.config import ConfigError
 from dpo_cli.data import load_splits
+from dpo_cli.errors import ConfigError
 from dpo_cli.evaluate import best_of_n, make_frontier
 from dpo_cli.logging import RunLogger
 from dpo_cli.models import load_model

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from dpo_cli.config import ConfigError
 from dpo_cli.data import SHIPPED_OPENINGS
+from dpo_cli.errors import ConfigError
 from dpo_cli.models import load_model, resolve_device
 from dpo_cli.rewards import make_reward_fn
 from dpo_cli.sampling import sample_completions

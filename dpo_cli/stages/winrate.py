@@ -25,8 +25,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import engine
-from dpo_cli.config import ConfigError
 from dpo_cli.data import load_splits, record_kind
+from dpo_cli.errors import ConfigError
 from dpo_cli.judge import Comparison, make_judge, summarize
 from dpo_cli.logging import RunLogger
 from dpo_cli.models import load_model
