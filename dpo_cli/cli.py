@@ -136,7 +136,7 @@ def launch_ranks(cfg: DictConfig, run_dir: Path) -> None:
     """DeepSpeed without a launcher: start this job's `trainer.num_processes` ranks, each running this stage
     with the same overrides in `run_dir` (dpo_cli/distributed.py), once the run dir is known to be usable."""
     validate(cfg)
-    from dpo_cli.engine import check_run_dir  # torch: imported only when it is needed
+    from dpo_cli.engine.rundir import check_run_dir  # torch: imported only when it is needed
 
     if distributed.first_node():
         check_run_dir(cfg, run_dir)

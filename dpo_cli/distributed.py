@@ -239,10 +239,12 @@ def gather(obj: Any) -> list[Any]:
 
 def mean_over_ranks(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
     """Example-weighted means of every rank's micro-batch metrics: the global batch's means, the same
-    numbers one process gets for the same batch."""
+    numbers one process gets for the same batch (in one process: the means of `parts`)."""
     import torch
     import torch.distributed as dist
 
+    if not parts:  # every micro-batch of the step was dropped (trainer.nan_policy=skip_batch, one process)
+        return {}
     keys = list(parts[0][1])
     sums = torch.tensor(
         [sum(n * m[k] for n, m in parts) for k in keys] + [sum(n for n, _ in parts)], dtype=torch.float64

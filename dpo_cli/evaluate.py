@@ -8,18 +8,19 @@ completion's tokens); it is unbiased only for samples drawn at temperature 1 fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_cli.checkpoints import torch_save_atomically
 from dpo_cli.data.batches import TokenizedExample, collate
 from dpo_cli.distributed import is_main
-from dpo_cli.logps import token_logps
+from dpo_cli.logps import model_token_logps
 from dpo_cli.rewards import RewardFn
 from dpo_cli.sampling import Samples, sample
 
@@ -55,8 +56,7 @@ def completion_logps(
             )
         ]
         batch = {k: v.to(device) for k, v in collate(examples, pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_token, mask = token_logps(logits, batch["labels"])
+        per_token, mask = model_token_logps(model, batch)
         rows = batch["index"][:, 0]  # identical samples collapse to one row; gather them back
         logps.append((per_token * mask).sum(-1)[rows].cpu())
         lengths.append(mask.sum(-1)[rows].cpu())
@@ -74,6 +74,7 @@ class FrontierEvaluator:
         reference: PreTrainedModel,
         reward_fn: RewardFn,
         run_dir: Path,
+        reference_point_file: Path | None = None,
     ):
         self.cfg, self.prompts, self.tokenizer = cfg, prompts, tokenizer
         self.reference, self.reward_fn = reference, reward_fn
@@ -81,7 +82,14 @@ class FrontierEvaluator:
         self.first_prompt_rewards: torch.Tensor | None = None
         # Where the step-0 point is cached when the step-0 model is the reference itself (DPO from its
         # SFT checkpoint): every job of a sweep starts from the same samples, so they are drawn once.
-        self.reference_point_file: Path | None = None
+        self.reference_point_file = reference_point_file
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to pair its points with the step-0 point."""
+        return {"first_prompt_rewards": self.first_prompt_rewards}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first_prompt_rewards = state["first_prompt_rewards"]
 
     def sample_and_score(self, model: PreTrainedModel, num_samples: int) -> tuple[Samples, torch.Tensor]:
         e = self.cfg
@@ -169,12 +177,21 @@ def make_frontier(
     tokenizer: PreTrainedTokenizerBase,
     reference: PreTrainedModel,
     run_dir: Path,
+    *,
+    reference_point_dir: Path | None = None,
 ) -> FrontierEvaluator | None:
-    """The run's frontier evaluator on the first `eval.num_prompts` held-out prompts (None when off)."""
+    """The run's frontier evaluator on the first `eval.num_prompts` held-out prompts (None when off).
+    `reference_point_dir`: the policy starts as the reference (DPO from its SFT checkpoint), so its step-0
+    point is the same in every job of a sweep and is cached there, keyed by the eval setup and prompts."""
     if cfg.eval.num_prompts == 0:
         return None
     from dpo_cli.rewards import make_reward_fn
 
     prompts = list(dict.fromkeys(r["prompt"] for r in held_out_records))[: cfg.eval.num_prompts]
     reward_fn = make_reward_fn(cfg.reward, next(reference.parameters()).device)
-    return FrontierEvaluator(cfg.eval, prompts, tokenizer, reference, reward_fn, run_dir)
+    point_file = None
+    if reference_point_dir is not None:
+        setup = OmegaConf.to_container(cfg.eval) | {"reward": OmegaConf.to_container(cfg.reward)}
+        key = hashlib.sha256(json.dumps([setup, prompts], sort_keys=True).encode()).hexdigest()
+        point_file = Path(reference_point_dir) / f"frontier-{key[:24]}.pt"
+    return FrontierEvaluator(cfg.eval, prompts, tokenizer, reference, reward_fn, run_dir, point_file)

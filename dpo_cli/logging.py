@@ -42,7 +42,7 @@ class RunLogger:
             return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self.wandb_run = None

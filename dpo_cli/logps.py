@@ -6,8 +6,9 @@ SUM over the completion's tokens, with prompt and padding tokens excluded (label
 
 from __future__ import annotations
 
+import contextlib
 import os
-from unittest import mock
+from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -52,6 +53,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     per_token, _ = token_logps(logits, labels)
     return per_token.sum(dim=-1)
+
+
+def model_sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) log pi(completion | prompt) of the batch's unique sequences under `model`, summed over the
+    completion's tokens (`model_token_logps`, the one scoring path: chunked head, shared prompts)."""
+    per_token, mask = model_token_logps(model, batch)
+    return (per_token * mask).sum(-1)
 
 
 def model_token_logps(
@@ -101,8 +109,7 @@ def model_token_logps(
     # fast kernels lack masked grouped-query attention) and the copies are saved for backward: SmolLM2's
     # 3 K/V heads become 9 in all 30 layers. torch's CPU flash kernel takes a mask with GQA at the same
     # speed, so on the CPU the shared-prompt forward asks for it (an env var transformers reads per call).
-    masked_gqa = {"TRANSFORMERS_SDPA_FORCE_GQA": "1"} if shared and mask.device.type == "cpu" else {}
-    with mock.patch.dict(os.environ, masked_gqa):
+    with _masked_gqa_on_cpu(shared and mask.device.type == "cpu"):
         if plain:
             logits = model(**inputs).logits
         else:
@@ -120,6 +127,24 @@ def model_token_logps(
         selected = _ChunkedHeadLogps.apply(selected_hidden, head.weight, head.bias, labels[mask], rows)
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return per_token.masked_scatter(mask, selected), mask
+
+
+@contextlib.contextmanager
+def _masked_gqa_on_cpu(wanted: bool) -> Iterator[None]:
+    """TRANSFORMERS_SDPA_FORCE_GQA=1 for one forward when `wanted`, the variable restored afterwards."""
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    if not wanted:
+        yield
+        return
+    previous = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
 
 
 def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

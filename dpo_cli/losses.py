@@ -1,12 +1,20 @@
-"""Preference and baseline losses as pure functions of log-probabilities.
+"""Preference and baseline losses as pure functions of log-probabilities, and the registry that names them.
 
 Sequence log-probs are sums over completion tokens (see ``dpo_cli.logps``). Equation numbers refer to
 Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
 unless stated otherwise. Every loss returns per-example values (B,) except ``sft_loss``; the caller
 reduces, so that pair weights or gradient accumulation stay its choice.
+
+``LOSSES`` (at the end) maps each `loss=NAME` to its function and to what it needs: which examples
+(pairs, rankings, sequences), whether it reads the reference, whether it needs per-token log-probs, and
+which `loss.*` hyperparameters it takes. A stage looks its loss up there; adding a loss is one function
+and one entry.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -185,3 +193,131 @@ def preferred_ft_loss(policy_chosen_logps: torch.Tensor, chosen_num_tokens: torc
     as 1 so an empty completion gives 0, not NaN.
     """
     return -policy_chosen_logps / chosen_num_tokens.clamp(min=1).to(policy_chosen_logps.dtype)
+
+
+@dataclass(frozen=True)
+class Completions:
+    """What every registered loss sees: the log-probs of each example's completions, best first.
+
+    `logps`, `valid` and `num_tokens` are (B, K); `valid` is False where a shorter ranking is padded.
+    `token_logps` and `token_mask` (B, K, T) are there for token-level losses only.
+    """
+
+    logps: torch.Tensor
+    valid: torch.Tensor
+    num_tokens: torch.Tensor
+    token_logps: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+
+    @classmethod
+    def gather(
+        cls,
+        per_token: torch.Tensor,
+        mask: torch.Tensor,
+        index: torch.Tensor,
+        valid: torch.Tensor,
+        *,
+        token_level: bool = False,
+    ) -> Completions:
+        """Per-example completions from a batch's unique rows (paper App. B): `per_token`, `mask` (N, T)
+        of the rows; `index`, `valid` (B, K), the row of each example's k-th completion."""
+        sequence = (per_token * mask).sum(-1)
+        return cls(
+            logps=sequence[index],
+            valid=valid,
+            num_tokens=mask.sum(-1)[index],
+            token_logps=per_token[index] if token_level else None,
+            token_mask=mask[index] if token_level else None,
+        )
+
+
+# (per-example losses (B,), chosen rewards (B,), rejected rewards (B,)); rewards None without a reference.
+LossOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def implicit_rewards(
+    policy: Completions, reference: torch.Tensor | None, beta: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """beta * (log pi - log pi_ref) of each example's best and worst completion (Sec. 5), detached: the
+    scale every method's runs are compared on, whatever the loss."""
+    if reference is None:
+        return None, None
+    rows = torch.arange(len(policy.logps), device=policy.logps.device)
+    last = policy.valid.sum(-1) - 1
+    chosen = (beta * (policy.logps[:, 0] - reference[:, 0])).detach()
+    rejected = (beta * (policy.logps[rows, last] - reference[rows, last])).detach()
+    return chosen, rejected
+
+
+def _pairwise(loss_type: str) -> Callable[..., LossOutput]:
+    def loss(policy: Completions, reference: torch.Tensor, *, beta: float, **hyperparameters) -> LossOutput:
+        return preference_loss(
+            policy.logps[:, 0],
+            policy.logps[:, 1],
+            reference[:, 0],
+            reference[:, 1],
+            loss_type=loss_type,
+            beta=beta,
+            **hyperparameters,
+        )
+
+    return loss
+
+
+def _plackett_luce(policy: Completions, reference: torch.Tensor, *, beta: float) -> LossOutput:
+    losses = plackett_luce_loss(policy.logps, reference, beta=beta, mask=policy.valid)
+    return losses, *implicit_rewards(policy, reference, beta)
+
+
+def _preferred_ft(policy: Completions, reference: torch.Tensor | None, *, beta: float) -> LossOutput:
+    losses = preferred_ft_loss(policy.logps[:, 0], policy.num_tokens[:, 0])
+    return losses, *implicit_rewards(policy, reference, beta)
+
+
+def _unlikelihood(
+    policy: Completions, reference: torch.Tensor | None, *, beta: float, alpha: float
+) -> LossOutput:
+    t, m = policy.token_logps, policy.token_mask
+    losses = unlikelihood_loss_from_token_logps(t[:, 0], m[:, 0], t[:, 1], m[:, 1], alpha=alpha)
+    return losses, *implicit_rewards(policy, reference, beta)
+
+
+def _sft(policy: Completions, reference: torch.Tensor | None, *, beta: float) -> LossOutput:
+    # The summed negative log-likelihood per sequence; `_per_token_mean` reduces it.
+    return -policy.logps[:, 0], None, None
+
+
+def _per_token_mean(losses: torch.Tensor, policy: Completions) -> torch.Tensor:
+    """SFT's reduction: every completion token of the batch weighs the same (as ``sft_loss``)."""
+    return losses.sum() / policy.num_tokens[:, 0].sum().clamp(min=1)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: `fn(policy: Completions, reference (B, K) | None, *, beta, **hyperparameters)`
+    and what it needs."""
+
+    fn: Callable[..., LossOutput]
+    examples: str
+    """pairs (chosen, rejected) | rankings (K completions, best first) | sequences (SFT)."""
+    uses_reference: bool
+    """The loss reads reference log-probs (the implicit-reward metrics do whenever one is loaded)."""
+    token_level: bool = False
+    """The loss needs per-token log-probs (`Completions.token_logps`)."""
+    hyperparameters: tuple[str, ...] = ()
+    """`loss.*` keys passed to `fn`, besides the top-level `beta`."""
+    reduce: Callable[[torch.Tensor, Completions], torch.Tensor] = lambda losses, policy: losses.mean()
+    """The batch's scalar loss from the per-example losses: their mean unless the loss says otherwise."""
+
+
+LOSSES: dict[str, LossSpec] = {
+    "sft": LossSpec(_sft, "sequences", uses_reference=False, reduce=_per_token_mean),
+    "dpo": LossSpec(_pairwise("dpo"), "pairs", uses_reference=True),
+    "ipo": LossSpec(_pairwise("ipo"), "pairs", uses_reference=True),
+    "cdpo": LossSpec(_pairwise("cdpo"), "pairs", uses_reference=True, hyperparameters=("label_smoothing",)),
+    "preferred_ft": LossSpec(_preferred_ft, "pairs", uses_reference=False),
+    "unlikelihood": LossSpec(
+        _unlikelihood, "pairs", uses_reference=False, token_level=True, hyperparameters=("alpha",)
+    ),
+    "plackett_luce": LossSpec(_plackett_luce, "rankings", uses_reference=True),
+}

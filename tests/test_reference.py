@@ -15,6 +15,7 @@ from dpo_cli.data.batches import TokenizedExample, collate, shared_prompt_layout
 from dpo_cli.logging import read_metrics
 from dpo_cli.logps import model_token_logps, token_logps
 from dpo_cli.models import load_model
+from dpo_cli.objective import make_objective
 from dpo_cli.reference import (
     cache_dir_for,
     checkpoint_fingerprint,
@@ -22,7 +23,6 @@ from dpo_cli.reference import (
     score_sequences,
     unique_sequences,
 )
-from dpo_cli.stages.dpo import make_loss_fn
 from tests.conftest import gqa_llama, tiny_gpt2
 
 
@@ -100,7 +100,7 @@ def test_shared_completions_give_the_plain_pairwise_loss_and_gradients():
     plain["index_mask"] = torch.ones_like(plain["index"], dtype=torch.bool)
 
     reference, _ = tiny_model(seed=1)
-    loss_fn = make_loss_fn(OmegaConf.structured(LossConfig(name="dpo", beta=0.5)), reference.eval())
+    loss_fn = make_objective(OmegaConf.structured(LossConfig(name="dpo")), 0.5, reference.eval())
     params = list(model.parameters())
     shared_loss, shared_metrics = loss_fn(model, shared)
     plain_loss, plain_metrics = loss_fn(model, plain)
@@ -157,7 +157,7 @@ def test_shared_prompts_give_the_separate_rows_loss_and_gradients(architecture, 
     tokens = int((shared["shared_input_ids"] != tokenizer.pad_token_id).sum())
     assert tokens == int(separate["attention_mask"].sum()) - 9 * len(examples[0].prompt_ids)
 
-    loss_fn = make_loss_fn(OmegaConf.structured(LossConfig(name="dpo", beta=0.5)), reference)
+    loss_fn = make_objective(OmegaConf.structured(LossConfig(name="dpo")), 0.5, reference)
     params = list(model.parameters())
     shared_loss, shared_metrics = loss_fn(model, shared)
     separate_loss, separate_metrics = loss_fn(model, separate)

@@ -4,7 +4,8 @@ A batch holds the unique sequences of its examples (right-padded; labels of prom
 -100) and `index`, the (B, K) row of each example's k-th completion: the paper's App. B form, so a
 completion shared by several pairs (4 samples -> 6 pairs per prompt) is scored once and the pairs are
 gathered by index. Training order: `batch_order` shuffles (by prompt, packed whole with `pack_groups`)
-and `train_batches` collates it for a rank; `make_batches` gives the fixed held-out batches.
+and `train_batches` collates it for a rank; `training_data` is what the training loop gets (this rank's
+micro-batches from the step it starts at); `make_batches` gives the fixed held-out batches.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from dpo_cli import distributed
 from dpo_cli.config import DataConfig
 from dpo_cli.data import Example
+from dpo_cli.errors import ConfigError
 
 Sequence = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, completion ids): a batch row's key
 RefTable = dict[Sequence, float]  # precomputed reference log-prob of each sequence
@@ -277,3 +281,64 @@ def train_batches(
         if position % world_size == rank:
             batch = collate([examples[i] for i in ids], pad_token_id, ref_logps, share_prompts=share_prompts)
             yield batch | {"example_ids": torch.tensor(ids)}
+
+
+@dataclass
+class TrainData:
+    """What the training loop consumes (engine/loop.py)."""
+
+    batches: Iterator[Batch]
+    """This rank's micro-batches, endless, from the first step the run has still to do."""
+    eval_batches: list[Batch]
+    """The held-out batches, the same at every eval point (every rank runs all of them)."""
+    num_steps: int
+    """Optimizer steps of the whole run."""
+    examples: list[TokenizedExample]
+    """The training examples, by the ids batches carry in `example_ids` (to name them in errors)."""
+
+
+def total_steps(t: DictConfig, num_examples: int) -> int:
+    """Optimizer steps of the run: trainer.max_steps, else trainer.num_epochs epochs."""
+    steps_per_epoch = num_examples // t.batch_size_examples
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"{num_examples} training examples cannot fill one batch of "
+            f"trainer.batch_size_examples={t.batch_size_examples}"
+        )
+    return t.max_steps or t.num_epochs * steps_per_epoch
+
+
+def visited_examples(examples: list[TokenizedExample], cfg: DictConfig) -> list[TokenizedExample]:
+    """The training examples a run of `cfg` will see, in its data order (all ranks together)."""
+    t = cfg.trainer
+    microbatches = total_steps(t, len(examples)) * (t.batch_size_examples // t.microbatch_size_examples)
+    order = batch_order(examples, t.microbatch_size_examples, seed=cfg.seed, by_prompt=t.batch_by_prompt)
+    return [examples[i] for ids in itertools.islice(order, microbatches) for i in ids]
+
+
+def training_data(
+    cfg: DictConfig,
+    train: list[TokenizedExample],
+    eval_batches: list[Batch],
+    pad_token_id: int,
+    *,
+    start_step: int = 0,
+    ref_logps: RefTable | None = None,
+    share_prompts: bool = False,
+) -> TrainData:
+    """The loop's data for a run of `cfg` that has done `start_step` steps: every rank walks the same order
+    and takes its share of each step's micro-batches (`train_batches`)."""
+    t = cfg.trainer
+    batches = train_batches(
+        train,
+        t.microbatch_size_examples,
+        pad_token_id,
+        seed=cfg.seed,
+        by_prompt=t.batch_by_prompt,
+        skip=start_step * (t.batch_size_examples // t.microbatch_size_examples),
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+        ref_logps=ref_logps,
+        share_prompts=share_prompts,
+    )
+    return TrainData(batches, eval_batches, total_steps(t, len(train)), train)

@@ -10,21 +10,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dpo_cli import engine
 from dpo_cli.data import load_splits
+from dpo_cli.engine import rundir
 from dpo_cli.errors import ConfigError
 from dpo_cli.evaluate import best_of_n, make_frontier
 from dpo_cli.logging import RunLogger
 from dpo_cli.models import load_model
-from dpo_cli.stages.dpo import find_sft_checkpoint
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
-    reference_dir = find_sft_checkpoint(cfg)
+    reference_dir = rundir.find_sft_checkpoint(cfg)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else reference_dir
     if cfg.eval.num_prompts == 0:
         raise ConfigError("eval.num_prompts=0 leaves `dpo-run eval` nothing to do; set it >= 1")
-    device = engine.prepare_run(cfg, run_dir)
+    device = rundir.prepare(cfg, run_dir).device
     print(f"eval: {checkpoint} against reference {reference_dir}")
     reference, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=reference_dir)
     reference.to(device).eval()
@@ -50,7 +49,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
             f"KL {point['eval/bon_kl']:.4f}"
         )
     logger.close()
-    engine.finish(
+    rundir.finish(
         run_dir,
         "python scripts/plot_frontier.py outputs/",
         "every eval point of the experiment on one figure",

@@ -24,14 +24,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli import engine
 from dpo_cli.data import load_splits, record_kind
+from dpo_cli.engine import rundir
 from dpo_cli.errors import ConfigError
 from dpo_cli.judge import Comparison, make_judge, summarize
 from dpo_cli.logging import RunLogger
 from dpo_cli.models import load_model
 from dpo_cli.sampling import sample_completions
-from dpo_cli.stages.dpo import find_sft_checkpoint
 
 COLUMNS = [
     "label",
@@ -267,10 +266,10 @@ def _describe(row: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else find_sft_checkpoint(cfg)
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else rundir.find_sft_checkpoint(cfg)
     # Data and judge problems show before any model is loaded.
     prompts, baselines, baseline_name = load_baselines(cfg)
-    device = engine.prepare_run(cfg, run_dir)
+    device = rundir.prepare(cfg, run_dir).device
     reward_fn = None
     if cfg.method == "best_of_n" or cfg.judge.name == "reward":
         from dpo_cli.rewards import make_reward_fn
@@ -333,7 +332,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     _log_to_wandb(logger, rows, judgment_rows, png_path)
     logger.close()
     print(f"winrate: wrote {csv_path} and {png_path}")
-    engine.finish(
+    rundir.finish(
         run_dir,
         "python scripts/plot_winrate.py outputs/",
         "every checkpoint's win rates on one figure",

@@ -1,0 +1,207 @@
+"""Where the model's weights, gradients and optimizer live: one process, or DeepSpeed ZeRO across ranks.
+
+The loop (`loop.py`) sees one small interface, so that another engine (or a PEFT-wrapped model) is one more
+class here and no branch there:
+
+    module                 what forward passes call (the model, or the DeepSpeed engine around it)
+    backward(loss)         accumulate this micro-batch's gradients
+    lr()                   the learning rate of the step in flight
+    step(apply) -> norm    clip, then update (when `apply`); the gradient norm before clipping
+    save(path, state)      a resumable checkpoint: weights, optimizer, schedule, RNG, plus the loop's `state`
+    load(path, state)      restore one, given its trainer state
+    save_final(path)       the full weights as a Hugging Face model dir (`final/`)
+    frozen(cfg, model, device)   (class method) a frozen reference model placed as this backend places it
+
+Under DeepSpeed the same loop runs on every rank (dpo_cli/distributed.py starts them): each rank trains on
+its share of every global batch, and DeepSpeed averages the gradients, clips and steps.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_cli import distributed, lean
+from dpo_cli.checkpoints import (
+    load_deepspeed_resumable,
+    restore_rng,
+    rng_state,
+    save_deepspeed_resumable,
+    save_model,
+    save_resumable,
+)
+from dpo_cli.errors import ConfigError
+from dpo_cli.optim import make_optimizer, optimizer_and_schedule, warmup
+
+
+class SingleProcess:
+    """One process on one device (CPU or one GPU): torch's optimizer, clipping and warm-up schedule."""
+
+    # A non-finite batch can be dropped here (`trainer.nan_policy=skip_batch`); see DeepSpeed.
+    can_skip_batches = True
+
+    def __init__(self, cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device):
+        t = cfg.trainer
+        if lean.wanted(t.lean_memory, model):
+            lean.apply(model, trim_heap=t.heap_trim and device.type == "cpu")
+        self.module, self.tokenizer = model, tokenizer
+        self.accumulation_steps = t.batch_size_examples // t.microbatch_size_examples
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = optimizer_and_schedule(t, self.params, cfg.lr)
+        self.max_grad_norm = t.max_grad_norm or float("inf")
+
+    @classmethod
+    def frozen(cls, cfg: DictConfig, model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+        return model.to(device).eval().requires_grad_(False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation_steps).backward()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self, apply: bool) -> torch.Tensor:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if apply and torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        # Free the gradients now: the next forward needs the memory.
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        state = state | {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+        save_resumable(self.module, self.tokenizer, path, state)
+
+    def load(self, path: Path, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(type(self.module).from_pretrained(path).state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+
+    def save_final(self, path: Path) -> Path:
+        return save_model(self.module, self.tokenizer, path)
+
+
+class DeepSpeed:
+    """DeepSpeed ZeRO (stage `trainer.zero_stage`) across the ranks, with our optimizer and warm-up unless
+    trainer.deepspeed_config brings DeepSpeed's own."""
+
+    # Every rank must take the same branch; a non-finite loss stops them all (config.py enforces it).
+    can_skip_batches = False
+
+    def __init__(self, cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device):
+        import deepspeed
+
+        t = cfg.trainer
+        config = deepspeed_config(cfg, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        offload = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
+        optimizer = None if "optimizer" in config else make_optimizer(t, params, cfg.lr, offload=offload)
+        # A callable: DeepSpeed hands it the optimizer it ends up with.
+        scheduler = None if "scheduler" in config else functools.partial(LambdaLR, lr_lambda=warmup(t))
+        self.module, *_ = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        self.tokenizer = tokenizer
+        # Micro-batches per optimizer step on this rank, as the data shards them (data.batches).
+        self.accumulation_steps = t.batch_size_examples // (
+            t.microbatch_size_examples * distributed.world_size()
+        )
+        if (
+            self.module.train_batch_size() != t.batch_size_examples
+            or self.module.gradient_accumulation_steps() != self.accumulation_steps
+        ):
+            raise ConfigError(
+                f"trainer.deepspeed_config gives train_batch_size={self.module.train_batch_size()} and "
+                f"train_micro_batch_size_per_gpu={self.module.train_micro_batch_size_per_gpu()}, but "
+                f"trainer.batch_size_examples={t.batch_size_examples} and trainer.microbatch_size_examples="
+                f"{t.microbatch_size_examples}; make them agree"
+            )
+
+    @classmethod
+    def frozen(cls, cfg: DictConfig, model: PreTrainedModel, device: torch.device):
+        """Under ZeRO-3, sharded over the ranks like the policy (a DeepSpeed engine without optimizer,
+        whose forward passes every rank runs together)."""
+        model.to(device).eval().requires_grad_(False)
+        config = deepspeed_config(cfg, device)
+        if config["zero_optimization"]["stage"] != 3:
+            # The policy computes in bf16 on GPUs (DeepSpeed casts it); so does its reference.
+            return model.to(torch.bfloat16) if config.get("bf16", {}).get("enabled") else model
+        import deepspeed
+
+        reference, *_ = deepspeed.initialize(model=model, config=distributed.reference_config(config))
+        reference.eval()  # DeepSpeedEngine.eval() returns None
+        return reference
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed scales the loss by 1/accumulation steps, and steps (averaging the gradients over the
+        # ranks, clipping, the warm-up) at the last micro-batch of each optimizer step.
+        self.module.backward(loss)
+        self.module.step()
+
+    def lr(self) -> float:
+        return self.module.get_lr()[0]
+
+    def step(self, apply: bool) -> torch.Tensor:
+        return torch.tensor(float(self.module.get_global_grad_norm()))  # the same on every rank
+
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        save_deepspeed_resumable(self.module, path, state)
+
+    def load(self, path: Path, state: dict[str, Any]) -> None:
+        load_deepspeed_resumable(self.module, path)
+
+    def save_final(self, path: Path) -> Path:
+        state_dict = _full_state_dict(self.module)
+        if distributed.is_main():
+            save_model(self.module.module, self.tokenizer, path, state_dict)
+        distributed.barrier()
+        return path
+
+
+def backend_class(cfg: DictConfig) -> type[SingleProcess] | type[DeepSpeed]:
+    """The backend of this stage: DeepSpeed for training stages with trainer.engine=deepspeed."""
+    return DeepSpeed if distributed.wanted(cfg) else SingleProcess
+
+
+def deepspeed_config(cfg: DictConfig, device: torch.device) -> dict:
+    return distributed.deepspeed_config(
+        cfg.trainer, world=distributed.world_size(), bf16=device.type == "cuda"
+    )
+
+
+def _full_state_dict(ds_engine) -> dict[str, torch.Tensor] | None:
+    """The full fp32 weights on CPU on rank 0 (None on the others), gathered from the ZeRO shards (the
+    optimizer's fp32 master copy). A collective: every rank calls it."""
+    from deepspeed import zero
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = ds_engine.module
+    main = distributed.is_main()
+    gathered: dict[int, torch.Tensor | None] = {}
+    state: dict[str, torch.Tensor] = {}
+    # Tied weights (embeddings / LM head) appear under both names and are gathered once.
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) not in gathered:
+            full = safe_get_full_fp32_param(param)
+            if full is None:  # not trained: no fp32 master copy, but ZeRO-3 may still shard it
+                with zero.GatheredParameters([param]):
+                    full = param.detach().float().clone()
+            gathered[id(param)] = full.cpu() if main else None
+        state[name] = gathered[id(param)]
+    if not main:
+        return None
+    persistent = module.state_dict().keys()
+    state |= {name: b.cpu() for name, b in module.named_buffers() if name in persistent}
+    return state
