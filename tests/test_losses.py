@@ -247,3 +247,69 @@ def test_preferred_ft_is_per_token_nll_of_chosen() -> None:
     """log pi(y_w) = [-6, -3, 0] over [3, 2, 0] tokens -> per-token NLL [2, 1.5, 0] (empty -> 0, not NaN)."""
     loss = preferred_ft_loss(torch.tensor([-6.0, -3.0, 0.0]), torch.tensor([3, 2, 0]))
     assert_close(loss, torch.tensor([2.0, 1.5, 0.0]))
+
+
+# --- The registry: what `loss=NAME` looks up --------------------------------------------------------------
+
+
+def test_the_registry_matches_the_shipped_loss_files_and_the_schema():
+    from dataclasses import fields
+
+    from dpo_cli.config import LossConfig, conf_dir
+    from dpo_cli.losses import LOSSES
+
+    assert set(LOSSES) == {p.stem for p in (conf_dir() / "loss").glob("*.yaml")}
+    keys = {f.name for f in fields(LossConfig)}
+    for name, spec in LOSSES.items():
+        assert spec.examples in ("pairs", "rankings", "sequences"), name
+        assert set(spec.hyperparameters) <= keys, name
+        assert not spec.token_level or spec.examples == "pairs", name
+
+
+def test_registered_dpo_returns_the_loss_and_the_rewards_of_preference_loss():
+    """logps (-1, -2), reference (-1.5, -1.5), beta 1: h = (-1 - -2) - 0 = 1, loss = log(1 + e^-1);
+    rewards 1 * (-1 + 1.5) = 0.5 and 1 * (-2 + 1.5) = -0.5."""
+    from dpo_cli.losses import LOSSES, Completions
+
+    policy = Completions(
+        logps=torch.tensor([[-1.0, -2.0]]),
+        valid=torch.ones(1, 2, dtype=torch.bool),
+        num_tokens=torch.ones(1, 2),
+    )
+    losses, chosen, rejected = LOSSES["dpo"].fn(policy, torch.tensor([[-1.5, -1.5]]), beta=1.0)
+    assert_close(losses, torch.tensor([math.log(1 + math.exp(-1))]))
+    assert_close(chosen, torch.tensor([0.5]))
+    assert_close(rejected, torch.tensor([-0.5]))
+    assert_close(LOSSES["dpo"].reduce(losses, policy), losses[0])
+
+
+def test_registered_rewards_use_the_worst_completion_of_a_shorter_ranking():
+    """Ranking of 2 valid completions padded to K = 3: the rejected reward is completion 1's, 0.5 *
+    (-3 - -1) = -1, not the padding's; the chosen 0.5 * (-1 - -2) = 0.5."""
+    from dpo_cli.losses import LOSSES, Completions
+
+    policy = Completions(
+        logps=torch.tensor([[-1.0, -3.0, 0.0]]),
+        valid=torch.tensor([[True, True, False]]),
+        num_tokens=torch.ones(1, 3),
+    )
+    losses, chosen, rejected = LOSSES["plackett_luce"].fn(policy, torch.tensor([[-2.0, -1.0, 0.0]]), beta=0.5)
+    # K' = 2 is DPO: h = (-1 - -3) - (-2 - -1) = 3, loss = log(1 + e^(-0.5 * 3)).
+    assert_close(losses, torch.tensor([math.log(1 + math.exp(-1.5))]))
+    assert_close(chosen, torch.tensor([0.5]))
+    assert_close(rejected, torch.tensor([-1.0]))
+
+
+def test_registered_sft_weighs_every_completion_token_the_same():
+    """Sequences of 3 and 1 tokens with log-probs -3 and -1: (3 + 1) / (3 + 1) = 1 nat per token, where
+    the mean over sequences would give (3 + 1) / 2 = 2."""
+    from dpo_cli.losses import LOSSES, Completions
+
+    policy = Completions(
+        logps=torch.tensor([[-3.0], [-1.0]]),
+        valid=torch.ones(2, 1, dtype=torch.bool),
+        num_tokens=torch.tensor([[3], [1]]),
+    )
+    losses, chosen, rejected = LOSSES["sft"].fn(policy, None, beta=0.1)
+    assert chosen is None and rejected is None
+    assert_close(LOSSES["sft"].reduce(losses, policy), torch.tensor(1.0))
