@@ -77,7 +77,27 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def _choice_error(err: Exception) -> str | None:
+    """OmegaConf's "Invalid value 'yes', expected one of [auto, on, off] ... full_key: trainer.lean_memory"
+    (a value outside a choice's Enum) as "trainer.lean_memory=yes: choose auto, on or off"."""
+    for text in (str(err), str(err.__cause__ or "")):
+        invalid = re.search(r"Invalid value '(.*)', expected one of \[(.*)\]", text)
+        key = re.search(r"full_key: (\S+)", text)
+        if invalid and key:
+            value, (*choices, last) = invalid.group(1), invalid.group(2).split(", ")
+            message = f"{key.group(1)}={value}: choose {', '.join(choices)} or {last}"
+            where = re.match(r"In '([^']+)':", text)
+            if where:  # a YAML file's value; YAML reads unquoted on, off, yes and no as booleans
+                quote = "; quote on/off in YAML" if value in ("True", "False") else ""
+                message += f" (in {where.group(1)}{quote})"
+            return message
+    return None
+
+
 def _one_line(err: Exception) -> str:
+    choice = _choice_error(err)
+    if choice:
+        return choice
     text = " ".join(str(err).replace("\t", " ").split()).split(" Config search path:")[0]
     if err.__cause__ is not None:  # e.g. "Error merging override lr=abc" <- "Value 'abc' ... not a float"
         text += ": " + str(err.__cause__).splitlines()[0]
@@ -119,7 +139,8 @@ def preflight(overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for job in jobs:
             try:
-                validate(compose(config_name="config", overrides=list(job)))
+                cfg = compose(config_name="config", overrides=list(job))
+                validate(cfg, distributed.expected_world_size(cfg))
             except Exception as err:
                 _fail(_one_line(err))
     GlobalHydra.instance().clear()
@@ -127,7 +148,7 @@ def preflight(overrides: list[str]) -> None:
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> None:
     """Validate `cfg` and run its stage in `run_dir` (the programmatic entry point, used by tests)."""
-    validate(cfg)
+    validate(cfg, distributed.expected_world_size(cfg))
     module = importlib.import_module(STAGES[cfg.stage][0])
     module.run(cfg, Path(run_dir))
 
@@ -135,7 +156,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> None:
 def launch_ranks(cfg: DictConfig, run_dir: Path) -> None:
     """DeepSpeed without a launcher: start this job's `trainer.num_processes` ranks, each running this stage
     with the same overrides in `run_dir` (dpo_cli/distributed.py), once the run dir is known to be usable."""
-    validate(cfg)
+    validate(cfg, distributed.expected_world_size(cfg))
     from dpo_cli.engine.rundir import check_run_dir  # torch: imported only when it is needed
 
     if distributed.first_node():

@@ -1,9 +1,11 @@
 """Typed config schema for every stage.
 
-The dataclasses below are registered in Hydra's ConfigStore as `config_schema`, the first entry of
-`conf/config.yaml`'s defaults list, so every YAML file and every command-line override is merged into a
-typed node: a misspelt key or a wrong type fails at compose time with the key's name in the message.
-Cross-field rules that types cannot express live in `validate`, which gathers every problem into one error.
+The dataclasses below (and those of dpo_cli/config_stages.py) are registered in Hydra's ConfigStore as
+`config_schema`, the first entry of `conf/config.yaml`'s defaults list, so every YAML file and every
+command-line override is merged into a typed node: a misspelt key, a wrong type or a value outside its
+choices (dpo_cli/choices.py) fails at compose time with the key's name in the message. The range and
+cross-field rules that types cannot express sit beside each group, in its `problems`; `validate` gathers
+them and the rules across groups into one error. OmegaConf does not run `__post_init__` on merged values.
 """
 
 from __future__ import annotations
@@ -14,11 +16,23 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dpo_cli.choices import (
+    HUB_DATASETS,
+    DataName,
+    Device,
+    Engine,
+    LeanMemory,
+    LoggerMode,
+    LoggerName,
+    Loss,
+    Method,
+    NanPolicy,
+    Offload,
+    Optimizer,
+    Stage,
+)
+from dpo_cli.config_stages import EvalConfig, JudgeConfig, PrefsConfig, RewardConfig, WinrateConfig
 from dpo_cli.errors import ConfigError
-
-STAGES = ("sft", "dpo", "prefs", "eval", "winrate")
-LOSSES = ("sft", "dpo", "ipo", "cdpo", "preferred_ft", "unlikelihood", "plackett_luce")
-PREFERENCE_LOSSES = ("dpo", "ipo", "cdpo")
 
 
 @dataclass
@@ -41,7 +55,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING
+    name: DataName = MISSING
     """Dataset adapter: `sentiment` (embedded), `jsonl` (your own file), or the paper's hub datasets
     `hh`, `tldr`, `shp`, `imdb` (dpo_cli/data/hub.py)."""
     path: str | None = None
@@ -71,25 +85,61 @@ class DataConfig:
     max_records: int | None = None
     """Hub adapters: keep the first this many rows of each split (quick runs); None = all."""
 
+    @staticmethod
+    def problems(d: DictConfig) -> list[str]:
+        p = []
+        if d.name in HUB_DATASETS and d.eval_path:
+            p.append(
+                f"data.eval_path is for records files (data=jsonl); data={d.name} reads held-out rows from "
+                "the hub's test split or from data.path=DIR holding train and test files in the source's "
+                "schema"
+            )
+        if d.name in HUB_DATASETS and not (d.path or d.hub_id):
+            p.append(f"data={d.name} needs data.hub_id=HUB_ID or data.path=/path/to/local/copy")
+        if d.max_records is not None and d.max_records < 1:
+            p.append(f"data.max_records={d.max_records}: must be >= 1")
+        if d.name == DataName.jsonl and not d.path:
+            p.append("data=jsonl needs data.path=FILE (a JSONL of records)")
+        if not 0 < d.max_prompt_length_tokens < d.max_length_tokens:
+            p.append(
+                f"data.max_prompt_length_tokens={d.max_prompt_length_tokens} must be > 0 and < "
+                f"data.max_length_tokens={d.max_length_tokens}"
+            )
+        if not 0 < d.eval_fraction < 1:
+            p.append(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
+        if d.min_reward_gap < 0:
+            p.append(f"data.min_reward_gap={d.min_reward_gap}: must be >= 0")
+        return p
+
 
 @dataclass
 class LossConfig:
-    name: str = MISSING
-    """sft | dpo | ipo | cdpo | preferred_ft | unlikelihood | plackett_luce."""
-    beta: float = 0.1
-    """KL-penalty strength of DPO/IPO/cDPO/Plackett-Luce; shipped files set it to the top-level `beta`."""
+    name: Loss = MISSING
+    """sft | dpo | ipo | cdpo | preferred_ft | unlikelihood | plackett_luce. Their KL-penalty strength is
+    the top-level `beta`."""
     label_smoothing: float = 0.0
     """cDPO: assumed probability that a preference label is flipped, in [0, 0.5)."""
     alpha: float = 1.0
     """Unlikelihood: weight of the unlikelihood term on the rejected completion, in [0, 1]."""
 
+    @staticmethod
+    def problems(c: DictConfig) -> list[str]:
+        p = []
+        if not 0 <= c.alpha <= 1:
+            p.append(f"loss.alpha={c.alpha}: must be in [0, 1]")
+        if not 0 <= c.label_smoothing < 0.5:
+            p.append(f"loss.label_smoothing={c.label_smoothing}: must be in [0, 0.5)")
+        if c.label_smoothing != 0 and c.name != Loss.cdpo:
+            p.append(f"loss.label_smoothing={c.label_smoothing} only applies to loss=cdpo (conservative DPO)")
+        return p
+
 
 @dataclass
 class TrainerConfig:
-    engine: str = "single"
+    engine: Engine = Engine.single
     """single: one process (CPU or one GPU) | deepspeed: DeepSpeed ZeRO across `num_processes` ranks per node
     (trainer=zero2 / trainer=zero3; sft and dpo only, other stages run in one process)."""
-    optimizer: str = "rmsprop"
+    optimizer: Optimizer = Optimizer.rmsprop
     """rmsprop (the paper's choice) | adamw."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW only)."""
@@ -115,7 +165,7 @@ class TrainerConfig:
     """Passes over the training data when `max_steps` is None."""
     max_grad_norm: float | None = 10.0
     """Global gradient-norm clip (the paper's code clips at 10); null: no clipping."""
-    lean_memory: str = "auto"
+    lean_memory: LeanMemory = LeanMemory.auto
     """auto | on | off. on: Llama-family decoder layers keep only the RMSNorms' inputs and the MLP's gate
     for backward and recompute the rest (the MLP's up projection: one matmul, ~6% more FLOPs; dpo_cli/
     lean.py; ~60% fewer saved activations on SmolLM2, the same forward values, gradients equal to float
@@ -133,10 +183,10 @@ class TrainerConfig:
     under checkpoints/step-N (None: only `final/`)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints/step-N to keep on disk."""
-    nan_policy: str = "stop"
+    nan_policy: NanPolicy = NanPolicy.stop
     """A NaN/Inf loss or gradient: stop (name the step, the batch's prompts and the last good checkpoint)
     | skip_batch (drop that batch's update, count it, go on)."""
-    device: str = "auto"
+    device: Device = Device.auto
     """auto (cuda when present, else cpu) | cpu | cuda."""
     num_threads: int | None = None
     """torch CPU threads (None = torch's default)."""
@@ -146,139 +196,83 @@ class TrainerConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 1 shards the optimizer state, 2 also the gradients, 3 also the parameters
     (and the reference model)."""
-    offload_optimizer: str = "none"
+    offload_optimizer: Offload = Offload.none
     """DeepSpeed: none | cpu (optimizer state and step in CPU memory; ZeRO-Offload)."""
-    offload_params: str = "none"
+    offload_params: Offload = Offload.none
     """DeepSpeed ZeRO-3: none | cpu (parameters live in CPU memory between uses)."""
     deepspeed_config: str | None = None
     """PATH of your own DeepSpeed JSON config, merged key by key over the one generated from this section
     ("auto" keeps the generated value); its own "optimizer" / "scheduler" replace ours."""
 
+    @staticmethod
+    def problems(t: DictConfig, world_size: int = 1) -> list[str]:
+        """`world_size`: the ranks a DeepSpeed run will have; the global batch must split over them."""
+        p = []
+        if t.lr_warmup_steps < 0:
+            p.append(f"trainer.lr_warmup_steps={t.lr_warmup_steps}: must be >= 0")
+        if t.microbatch_size_examples < 1:
+            p.append("trainer.microbatch_size_examples: must be >= 1")
+        if t.batch_size_examples < 1 or t.batch_size_examples % max(t.microbatch_size_examples, 1):
+            p.append(
+                f"trainer.batch_size_examples={t.batch_size_examples}: must be a positive multiple of "
+                f"trainer.microbatch_size_examples={t.microbatch_size_examples}"
+            )
+        if t.heap_trim and t.lean_memory == LeanMemory.off:
+            p.append(
+                "trainer.heap_trim=true trims in the lean decoder layers: it needs "
+                "trainer.lean_memory=on or auto"
+            )
+        if t.keep_checkpoints < 1:
+            p.append(f"trainer.keep_checkpoints={t.keep_checkpoints}: must be >= 1")
+        if t.max_steps is not None and t.max_steps < 1:
+            p.append(f"trainer.max_steps={t.max_steps}: must be >= 1")
+        if t.eval_every_steps < 1:
+            p.append(f"trainer.eval_every_steps={t.eval_every_steps}: must be >= 1")
+        return p + _deepspeed_problems(t, world_size)
+
+
+def _deepspeed_problems(t: DictConfig, world: int) -> list[str]:
+    """The DeepSpeed keys of `trainer`; the global batch must split evenly over micro-batches and ranks."""
+    p = []
+    if t.num_processes < 1:
+        p.append(f"trainer.num_processes={t.num_processes}: must be >= 1")
+    if t.engine != Engine.deepspeed and t.num_processes != 1:
+        p.append(
+            f"trainer.num_processes={t.num_processes} needs DeepSpeed: add trainer=zero2 or trainer=zero3"
+        )
+    if t.zero_stage not in (0, 1, 2, 3):
+        p.append(f"trainer.zero_stage={t.zero_stage}: choose 0, 1, 2 or 3")
+    if t.offload_params != Offload.none and t.zero_stage != 3:
+        p.append(f"trainer.offload_params=cpu needs trainer.zero_stage=3, not {t.zero_stage}")
+    if t.deepspeed_config and not Path(t.deepspeed_config).is_file():
+        p.append(f"trainer.deepspeed_config={t.deepspeed_config}: no such file")
+    if t.engine != Engine.deepspeed:
+        return p
+    if t.microbatch_size_examples < 1 or t.batch_size_examples % (t.microbatch_size_examples * world):
+        p.append(
+            f"trainer.batch_size_examples={t.batch_size_examples} must be a multiple of "
+            f"trainer.microbatch_size_examples={t.microbatch_size_examples} x {world} ranks "
+            "(trainer.num_processes x nodes)"
+        )
+    if t.nan_policy != NanPolicy.stop:
+        p.append(
+            "trainer.nan_policy=skip_batch is for trainer=single; DeepSpeed runs stop on a non-finite loss"
+        )
+    return p
+
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"
+    name: LoggerName = LoggerName.wandb
     """wandb | none. metrics.jsonl and config.yaml are always written to the run dir."""
     project: str = "dpo-cli"
     """wandb project."""
     entity: str | None = None
     """wandb entity (team or user); None = your default."""
-    mode: str = "auto"
+    mode: LoggerMode = LoggerMode.auto
     """auto (online with an API key, else offline with a note) | online | offline | disabled."""
     log_every_steps: int = 1
     """Train metrics are logged every this many optimizer steps."""
-
-
-@dataclass
-class RewardConfig:
-    name: str = "vader"
-    """vader: VADER compound sentiment in [-1, 1] (offline) | hf_classifier: a label's probability."""
-    model_name_or_path: str = ""
-    """hf_classifier: hub id or local dir of a sequence-classification model."""
-    label: str = "POSITIVE"
-    """hf_classifier: the label whose probability is the reward."""
-    batch_size: int = 32
-    """hf_classifier: texts per forward pass."""
-    max_length_tokens: int = 512
-    """hf_classifier: texts are truncated to this many tokens."""
-
-
-@dataclass
-class EvalConfig:
-    """Frontier evaluation at every eval point: sample, score with the true reward, estimate KL."""
-
-    num_prompts: int = 48
-    """Held-out prompts sampled at every eval point (0 turns sampling evaluation off)."""
-    samples_per_prompt: int = 4
-    """Completions per prompt; several per prompt make the paired reward change resolve."""
-    temperature: float = 1.0
-    """Sampling temperature. The KL estimate assumes samples from the policy itself, i.e. 1.0."""
-    max_new_tokens: int = 24
-    """Tokens sampled per completion."""
-    seed: int = 1234
-    """Sampling seed, the same at every eval of every run, so points are paired across steps and runs."""
-    batch_size_prompts: int = 16
-    """Prompts per generate() call."""
-    num_table_samples: int = 8
-    """(prompt, completion, reward) rows logged to wandb per eval point; all go to samples.jsonl."""
-    best_of_n: list[int] = field(default_factory=lambda: [1, 4, 16])
-    """`dpo-run eval`: Best-of-N baselines, N samples per prompt, the best by reward kept."""
-
-
-@dataclass
-class PrefsConfig:
-    """The `prefs` stage: sample completions per prompt, score them, write ranked records."""
-
-    prompts_path: str | None = None
-    """JSONL of {"prompt": ..., "split": ...}; None = the embedded sentiment openings."""
-    output_path: str | None = None
-    """Where to write records; None = `records.jsonl` in the run dir."""
-    num_samples: int = 4
-    """Completions sampled per prompt (the paper's sentiment setup: 4, giving up to 6 pairs)."""
-    max_new_tokens: int = 24
-    """Tokens sampled per completion."""
-    temperature: float = 1.0
-    """Sampling temperature (1.0 = the model's own distribution, as the reference must be)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1.0 = off)."""
-    batch_size_prompts: int = 32
-    """Prompts per generate() call (each expanded to `num_samples` rows)."""
-    max_prompts: int | None = None
-    """Cap on prompts (for quick runs)."""
-
-
-@dataclass
-class JudgeConfig:
-    """Who compares two completions for `dpo-run winrate` (dpo_cli/judge.py)."""
-
-    name: str = "openai"
-    """openai: an LLM behind any OpenAI-compatible chat-completions endpoint | reward: the larger
-    `reward=` score wins (offline; the sentiment task and tests)."""
-    base_url: str = "https://api.openai.com/v1"
-    """Endpoint root; requests go to `<base_url>/chat/completions` (a local vLLM or llama.cpp server:
-    http://127.0.0.1:8000/v1)."""
-    model: str = "gpt-4o"
-    """Judge model name as the server knows it."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the API key (the key itself is never logged or written);
-    unset or empty: no Authorization header (local servers)."""
-    template: str = "auto"
-    """Judge prompt: summary (the paper's "concise" variant) | dialogue ("helpful") | auto (summary for
-    data=tldr, dialogue otherwise)."""
-    both_orders: bool = True
-    """Ask every comparison in both orders (position bias cancels; a flipped verdict is a tie). false: one
-    request per comparison in a seeded random order."""
-    max_concurrency: int = 8
-    """Requests in flight at once."""
-    timeout_seconds: float = 60.0
-    """Per-request timeout; a timed-out request is retried."""
-    max_retries: int = 5
-    """Retries of a request after HTTP 429, 5xx, a timeout or a dropped connection."""
-    backoff_seconds: float = 1.0
-    """Wait before the first retry; doubles at every retry (a server's Retry-After wins), capped at 60 s."""
-    max_answer_tokens: int = 256
-    """max_tokens of the judge's answer (a one-sentence comparison and the verdict line)."""
-    temperature: float = 0.0
-    """Judge sampling temperature (0: its most likely verdict, which also makes the cache exact)."""
-    cache_path: str | None = None
-    """JSONL cache of answers keyed by (server, judge model, prompt, both texts, order); None =
-    `<output_root>/judge_cache.jsonl`, shared by all runs, so a rerun pays only for what is missing."""
-    seed: int = 0
-    """Order of the two texts when `both_orders=false`."""
-
-
-@dataclass
-class WinrateConfig:
-    """`dpo-run winrate`: how the policy's completions are made."""
-
-    num_prompts: int = 256
-    """Held-out prompts compared (or the first prompts of a `baseline=` samples file)."""
-    max_new_tokens: int = 128
-    """Tokens sampled per completion."""
-    batch_size_prompts: int = 16
-    """Prompts per generate() call."""
-    seed: int = 1234
-    """Sampling seed, the same for every checkpoint, so runs compare on the same random stream."""
 
 
 @dataclass
@@ -296,7 +290,7 @@ class RefConfig:
 
 @dataclass
 class Config:
-    stage: str = MISSING
+    stage: Stage = MISSING
     """Set by the stage word: `dpo-run <stage>` appends `stage=<stage>` after your overrides."""
     exp_name: str = "default"
     """Experiment name: run dirs live under outputs/<exp_name>/ and DPO finds its SFT model there."""
@@ -307,7 +301,8 @@ class Config:
     seed: int = 0
     """One seed drives data order, init, dropout and sampling."""
     beta: float = 0.1
-    """KL-penalty strength (DPO's beta); interpolated into the loss config."""
+    """KL-penalty strength (DPO's beta) of DPO/IPO/cDPO/Plackett-Luce: the one key for it (the losses read
+    `cfg.beta`; `loss.*` holds only each loss's own hyperparameters)."""
     lr: float = 1e-6
     """Peak learning rate after warm-up."""
     overwrite: bool = False
@@ -325,7 +320,7 @@ class Config:
     """`dpo-run winrate`: what the policy is compared with: dataset (the held-out reference summary,
     chosen response or demonstration) | PATH of a samples file (JSONL of prompt + completion, e.g. another
     winrate run's samples.jsonl, for head-to-head)."""
-    method: str = "policy"
+    method: Method = Method.policy
     """`dpo-run winrate`: policy (one sample per prompt) | best_of_n (`n` samples, the best by `reward=`)."""
     n: int = 16
     """`dpo-run winrate method=best_of_n`: samples per prompt."""
@@ -343,6 +338,31 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     winrate: WinrateConfig = field(default_factory=WinrateConfig)
     ref: RefConfig = field(default_factory=RefConfig)
+
+    @staticmethod
+    def problems(c: DictConfig) -> list[str]:
+        """The top-level keys (`temperatures`, `baseline`, `method` and `n` are `dpo-run winrate`'s)."""
+        p = []
+        if c.beta <= 0:
+            p.append(f"beta={c.beta}: must be > 0 (smaller beta lets the policy move further)")
+        if c.lr <= 0:
+            p.append(f"lr={c.lr}: must be > 0")
+        if c.resume and c.overwrite:
+            p.append("resume=true and overwrite=true contradict each other; pick one")
+        if not c.temperatures:
+            p.append("temperatures=[]: give at least one, e.g. temperatures=[0.0,1.0]")
+        if any(t < 0 for t in c.temperatures):
+            p.append(f"temperatures={c.temperatures}: each must be >= 0")
+        if c.n < 1:
+            p.append(f"n={c.n}: must be >= 1")
+        if not c.baseline:
+            p.append("baseline=: choose dataset or the PATH of a samples file")
+        if c.stage == Stage.winrate and c.method == Method.best_of_n and any(t <= 0 for t in c.temperatures):
+            p.append(
+                f"method=best_of_n with temperatures={c.temperatures}: greedy decoding (0.0) gives n "
+                "identical samples; use temperatures > 0"
+            )
+        return p
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
@@ -364,205 +384,28 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"dpo-cli config tree not found next to {here}")
 
 
-def _check(problems: list[str], ok: bool, message: str) -> None:
-    if not ok:
-        problems.append(message)
+def validate(cfg: DictConfig, world_size: int | None = None) -> None:
+    """Every group's range and cross-field checks, then those across groups; raises one ConfigError for all.
 
-
-def validate(cfg: DictConfig) -> None:
-    """Cross-field and range checks the schema's types cannot express; raises one ConfigError for all."""
-    p: list[str] = []
-    _check(p, cfg.stage in STAGES, f"stage={cfg.stage}: unknown stage; choose one of {', '.join(STAGES)}")
-    _check(p, cfg.loss.name in LOSSES, f"loss.name={cfg.loss.name}: choose one of {', '.join(LOSSES)}")
-    _check(p, cfg.beta > 0, f"beta={cfg.beta}: must be > 0 (smaller beta lets the policy move further)")
-    _check(p, cfg.loss.beta > 0 or cfg.beta <= 0, f"loss.beta={cfg.loss.beta}: must be > 0")
-    _check(p, 0 <= cfg.loss.alpha <= 1, f"loss.alpha={cfg.loss.alpha}: must be in [0, 1]")
-    _check(
-        p,
-        0 <= cfg.loss.label_smoothing < 0.5,
-        f"loss.label_smoothing={cfg.loss.label_smoothing}: must be in [0, 0.5)",
-    )
-    _check(
-        p,
-        cfg.loss.label_smoothing == 0 or cfg.loss.name == "cdpo",
-        f"loss.label_smoothing={cfg.loss.label_smoothing} only applies to loss=cdpo (conservative DPO)",
-    )
-    _check(p, cfg.lr > 0, f"lr={cfg.lr}: must be > 0")
+    `world_size`: the ranks a DeepSpeed run will have (dpo_cli.cli passes `distributed.expected_world_size`,
+    which also counts a launcher's WORLD_SIZE and Slurm's nodes); None: `trainer.num_processes`."""
     t = cfg.trainer
-    _check(
-        p, t.optimizer in ("rmsprop", "adamw"), f"trainer.optimizer={t.optimizer}: choose rmsprop or adamw"
-    )
-    _check(p, t.engine in ("single", "deepspeed"), f"trainer.engine={t.engine}: choose single or deepspeed")
-    _validate_deepspeed(cfg, p)
-    _check(p, t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device}: choose auto, cpu or cuda")
-    _check(p, t.lr_warmup_steps >= 0, f"trainer.lr_warmup_steps={t.lr_warmup_steps}: must be >= 0")
-    _check(p, t.microbatch_size_examples >= 1, "trainer.microbatch_size_examples: must be >= 1")
-    _check(
-        p,
-        t.batch_size_examples >= 1 and t.batch_size_examples % max(t.microbatch_size_examples, 1) == 0,
-        f"trainer.batch_size_examples={t.batch_size_examples}: must be a positive multiple of "
-        f"trainer.microbatch_size_examples={t.microbatch_size_examples}",
-    )
-    _check(
-        p,
-        t.lean_memory in ("auto", "on", "off"),
-        f"trainer.lean_memory={t.lean_memory}: choose auto, on or off",
-    )
-    _check(
-        p,
-        not (t.heap_trim and t.lean_memory == "off"),
-        "trainer.heap_trim=true trims in the lean decoder layers: it needs trainer.lean_memory=on or auto",
-    )
-    _check(
-        p,
-        t.nan_policy in ("stop", "skip_batch"),
-        f"trainer.nan_policy={t.nan_policy}: choose stop or skip_batch",
-    )
-    _check(p, t.keep_checkpoints >= 1, f"trainer.keep_checkpoints={t.keep_checkpoints}: must be >= 1")
-    _check(
-        p,
-        not (cfg.resume and cfg.overwrite),
-        "resume=true and overwrite=true contradict each other; pick one",
-    )
-    _check(p, t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: must be >= 1")
-    _check(p, t.eval_every_steps >= 1, f"trainer.eval_every_steps={t.eval_every_steps}: must be >= 1")
-    d = cfg.data
-    from dpo_cli.data import ADAPTERS  # imported here: dpo_cli.data imports this module
-
-    _check(p, d.name in ADAPTERS, f"data.name={d.name}: choose one of {', '.join(ADAPTERS)}")
-    from dpo_cli.data.hub import HUB_ADAPTERS
-
-    _check(
-        p,
-        d.name not in HUB_ADAPTERS or not d.eval_path,
-        f"data.eval_path is for records files (data=jsonl); data={d.name} reads held-out rows from the "
-        "hub's test split or from data.path=DIR holding train and test files in the source's schema",
-    )
-    _check(
-        p,
-        d.name not in HUB_ADAPTERS or bool(d.path or d.hub_id),
-        f"data={d.name} needs data.hub_id=HUB_ID or data.path=/path/to/local/copy",
-    )
-    _check(
-        p,
-        d.max_records is None or d.max_records >= 1,
-        f"data.max_records={d.max_records}: must be >= 1",
-    )
-    _check(p, d.name != "jsonl" or bool(d.path), "data=jsonl needs data.path=FILE (a JSONL of records)")
-    _check(
-        p,
-        0 < d.max_prompt_length_tokens < d.max_length_tokens,
-        f"data.max_prompt_length_tokens={d.max_prompt_length_tokens} must be > 0 and < "
-        f"data.max_length_tokens={d.max_length_tokens}",
-    )
-    _check(p, 0 < d.eval_fraction < 1, f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
-    _check(p, d.min_reward_gap >= 0, f"data.min_reward_gap={d.min_reward_gap}: must be >= 0")
-    _check(p, cfg.logger.name in ("wandb", "none"), f"logger.name={cfg.logger.name}: choose wandb or none")
-    _check(
-        p,
-        cfg.logger.mode in ("auto", "online", "offline", "disabled"),
-        f"logger.mode={cfg.logger.mode}: choose auto, online, offline or disabled",
-    )
-    _check(
-        p,
-        cfg.reward.name in ("vader", "hf_classifier"),
-        f"reward.name={cfg.reward.name}: choose vader or hf_classifier",
-    )
-    _check(
-        p,
-        cfg.reward.name != "hf_classifier" or bool(cfg.reward.model_name_or_path),
-        "reward=hf_classifier needs reward.model_name_or_path=HUB_ID_OR_DIR",
-    )
-    _check(p, cfg.eval.num_prompts >= 0, f"eval.num_prompts={cfg.eval.num_prompts}: must be >= 0")
-    _check(p, cfg.eval.samples_per_prompt >= 1, "eval.samples_per_prompt: must be >= 1")
-    _check(p, cfg.eval.temperature > 0, f"eval.temperature={cfg.eval.temperature}: must be > 0")
-    _check(p, all(n >= 1 for n in cfg.eval.best_of_n), f"eval.best_of_n={cfg.eval.best_of_n}: each N >= 1")
-    _check(p, cfg.prefs.num_samples >= 2, f"prefs.num_samples={cfg.prefs.num_samples}: must be >= 2")
-    _check(p, cfg.prefs.temperature > 0, f"prefs.temperature={cfg.prefs.temperature}: must be > 0")
-    _validate_winrate(cfg, p)
-    if cfg.stage == "sft":
-        _check(p, cfg.loss.name == "sft", f"stage sft trains with loss=sft, not loss={cfg.loss.name}")
-    elif cfg.stage == "dpo":
-        _check(
-            p,
-            cfg.loss.name != "sft",
-            f"loss=sft belongs to `dpo-run sft`; preference stages take one of {', '.join(LOSSES[1:])}",
-        )
+    world = (t.num_processes if world_size is None else world_size) if t.engine == Engine.deepspeed else 1
+    p = [
+        *Config.problems(cfg),
+        *DataConfig.problems(cfg.data),
+        *LossConfig.problems(cfg.loss),
+        *TrainerConfig.problems(t, world),
+        *RewardConfig.problems(cfg.reward),
+        *EvalConfig.problems(cfg.eval),
+        *PrefsConfig.problems(cfg.prefs),
+        *JudgeConfig.problems(cfg.judge),
+        *WinrateConfig.problems(cfg.winrate),
+    ]
+    if cfg.stage == Stage.sft and cfg.loss.name != Loss.sft:
+        p.append(f"stage sft trains with loss=sft, not loss={cfg.loss.name}")
+    if cfg.stage == Stage.dpo and cfg.loss.name == Loss.sft:
+        preference = ", ".join(loss for loss in Loss if loss != Loss.sft)
+        p.append(f"loss=sft belongs to `dpo-run sft`; preference stages take one of {preference}")
     if p:
         raise ConfigError("; ".join(p))
-
-
-def _validate_deepspeed(cfg: DictConfig, p: list[str]) -> None:
-    """The DeepSpeed keys of `trainer`; the global batch must split evenly over micro-batches and ranks."""
-    t = cfg.trainer
-    from dpo_cli.distributed import expected_world_size  # imported here: it imports this module
-
-    _check(p, t.num_processes >= 1, f"trainer.num_processes={t.num_processes}: must be >= 1")
-    _check(
-        p,
-        t.engine == "deepspeed" or t.num_processes == 1,
-        f"trainer.num_processes={t.num_processes} needs DeepSpeed: add trainer=zero2 or trainer=zero3",
-    )
-    _check(p, t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage={t.zero_stage}: choose 0, 1, 2 or 3")
-    for key in ("offload_optimizer", "offload_params"):
-        _check(p, t[key] in ("none", "cpu"), f"trainer.{key}={t[key]}: choose none or cpu")
-    _check(
-        p,
-        t.offload_params == "none" or t.zero_stage == 3,
-        f"trainer.offload_params=cpu needs trainer.zero_stage=3, not {t.zero_stage}",
-    )
-    _check(
-        p,
-        not t.deepspeed_config or Path(t.deepspeed_config).is_file(),
-        f"trainer.deepspeed_config={t.deepspeed_config}: no such file",
-    )
-    if t.engine != "deepspeed":
-        return
-    world = expected_world_size(cfg)
-    _check(
-        p,
-        t.microbatch_size_examples >= 1 and t.batch_size_examples % (t.microbatch_size_examples * world) == 0,
-        f"trainer.batch_size_examples={t.batch_size_examples} must be a multiple of "
-        f"trainer.microbatch_size_examples={t.microbatch_size_examples} x {world} ranks "
-        "(trainer.num_processes x nodes)",
-    )
-    _check(
-        p,
-        t.nan_policy == "stop",
-        "trainer.nan_policy=skip_batch is for trainer=single; DeepSpeed runs stop on a non-finite loss",
-    )
-
-
-def _validate_winrate(cfg: DictConfig, p: list[str]) -> None:
-    """The judge's and `dpo-run winrate`'s keys."""
-    j = cfg.judge
-    _check(p, j.name in ("openai", "reward"), f"judge.name={j.name}: choose openai or reward")
-    _check(
-        p,
-        j.template in ("auto", "summary", "dialogue"),
-        f"judge.template={j.template}: choose auto, summary or dialogue",
-    )
-    _check(p, j.max_concurrency >= 1, f"judge.max_concurrency={j.max_concurrency}: must be >= 1")
-    _check(p, j.timeout_seconds > 0, f"judge.timeout_seconds={j.timeout_seconds}: must be > 0")
-    _check(p, j.max_retries >= 0, f"judge.max_retries={j.max_retries}: must be >= 0")
-    _check(p, j.backoff_seconds >= 0, f"judge.backoff_seconds={j.backoff_seconds}: must be >= 0")
-    _check(p, j.max_answer_tokens >= 1, f"judge.max_answer_tokens={j.max_answer_tokens}: must be >= 1")
-    _check(
-        p,
-        j.name != "openai" or bool(j.base_url and j.model),
-        "judge=openai needs judge.base_url=URL and judge.model=NAME",
-    )
-    _check(p, len(cfg.temperatures) >= 1, "temperatures=[]: give at least one, e.g. temperatures=[0.0,1.0]")
-    _check(p, all(t >= 0 for t in cfg.temperatures), f"temperatures={cfg.temperatures}: each must be >= 0")
-    _check(p, cfg.method in ("policy", "best_of_n"), f"method={cfg.method}: choose policy or best_of_n")
-    _check(p, cfg.n >= 1, f"n={cfg.n}: must be >= 1")
-    _check(p, bool(cfg.baseline), "baseline=: choose dataset or the PATH of a samples file")
-    _check(p, cfg.winrate.num_prompts >= 1, f"winrate.num_prompts={cfg.winrate.num_prompts}: must be >= 1")
-    _check(p, cfg.winrate.max_new_tokens >= 1, "winrate.max_new_tokens: must be >= 1")
-    if cfg.stage == "winrate":
-        _check(
-            p,
-            cfg.method != "best_of_n" or all(t > 0 for t in cfg.temperatures),
-            f"method=best_of_n with temperatures={cfg.temperatures}: greedy decoding (0.0) gives n identical "
-            "samples; use temperatures > 0",
-        )

@@ -63,8 +63,7 @@ def run_label(cfg: DictConfig) -> str:
     method = OmegaConf.select(cfg, "loss.name", default=None) or str(stage)
     if stage == "sft" or method == "sft":
         return "sft"
-    beta = OmegaConf.select(cfg, "loss.beta", default=None)
-    beta = OmegaConf.select(cfg, "beta", default=None) if beta is None else beta
+    beta = OmegaConf.select(cfg, "beta", default=None)
     if method == "cdpo":
         return f"cdpo beta={beta:g} eps={OmegaConf.select(cfg, 'loss.label_smoothing', default=0.0):g}"
     if method == "unlikelihood":

@@ -195,7 +195,7 @@ def test_hub_adapters_refuse_an_eval_path_in_records_format():
 def test_paper_presets_carry_the_papers_settings(experiment, model, data, beta, judge):
     cfg = compose_config(f"experiment={experiment}", "stage=dpo")
     validate(cfg)
-    assert (cfg.model.name, cfg.data.name, cfg.beta, cfg.loss.beta, cfg.judge.name) == (
+    assert (cfg.model.name, cfg.data.name, cfg.beta, cfg.beta, cfg.judge.name) == (
         model,
         data,
         beta,

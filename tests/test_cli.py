@@ -91,8 +91,8 @@ def test_dpo_stage_rejects_the_sft_loss():
         validate(cfg)
 
 
-def test_beta_is_interpolated_into_the_loss():
+def test_beta_is_the_one_key():
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["beta=0.7", "loss=ipo", "stage=dpo"])
     GlobalHydra.instance().clear()
-    assert cfg.loss.beta == 0.7 and cfg.loss.name == "ipo"
+    assert cfg.beta == 0.7 and cfg.loss.name == "ipo" and "beta" not in cfg.loss

@@ -104,7 +104,7 @@ def test_multirun_sweep_gives_one_run_dir_per_beta(sft_run):
     [sweep] = (sft_run / "default" / "dpo").glob("multirun-*")
     runs = sorted(p.parent for p in sweep.rglob("metrics.jsonl"))
     assert len(runs) == 2
-    assert sorted(OmegaConf.load(r / "config.yaml").loss.beta for r in runs) == [0.05, 5.0]
+    assert sorted(OmegaConf.load(r / "config.yaml").beta for r in runs) == [0.05, 5.0]
 
 
 def test_sweep_ends_with_a_frontier_and_wandb_has_the_points(sft_run):

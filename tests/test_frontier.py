@@ -49,7 +49,7 @@ def dpo_config(beta: float, run_name: str) -> dict:
         "run_name": run_name,
         "seed": 0,
         "beta": beta,
-        "loss": {"name": "dpo", "beta": beta},
+        "loss": {"name": "dpo"},
     }
 
 
@@ -85,11 +85,11 @@ def assert_png(path: Path) -> None:
 def test_run_label():
     assert run_label(OmegaConf.create(dpo_config(0.1, "r"))) == "dpo beta=0.1"
     assert (
-        run_label(OmegaConf.create({"stage": "dpo", "loss": {"name": "ipo", "beta": 0.5}})) == "ipo beta=0.5"
+        run_label(OmegaConf.create({"stage": "dpo", "beta": 0.5, "loss": {"name": "ipo"}})) == "ipo beta=0.5"
     )
-    cdpo = {"stage": "dpo", "loss": {"name": "cdpo", "beta": 0.1, "label_smoothing": 0.1}}
+    cdpo = {"stage": "dpo", "beta": 0.1, "loss": {"name": "cdpo", "label_smoothing": 0.1}}
     assert run_label(OmegaConf.create(cdpo)) == "cdpo beta=0.1 eps=0.1"
-    pl = {"stage": "dpo", "loss": {"name": "plackett_luce", "beta": 0.1}}
+    pl = {"stage": "dpo", "beta": 0.1, "loss": {"name": "plackett_luce"}}
     assert run_label(OmegaConf.create(pl)) == "plackett_luce beta=0.1"
     ul = {"stage": "dpo", "loss": {"name": "unlikelihood", "alpha": 0.5}}
     assert run_label(OmegaConf.create(ul)) == "unlikelihood alpha=0.5"

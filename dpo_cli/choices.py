@@ -1,0 +1,125 @@
+"""Every choice a config key can take, as an Enum: the one list of stages, losses, data adapters, ...
+
+Each member's name is its value (tests/test_config.py checks it): OmegaConf turns `key=name`, an override or
+a YAML value, into a member by name and refuses any other value at compose time. The members are strings,
+so `cfg.trainer.engine == "deepspeed"`, f-strings and JSON see the plain value. A YAML file must quote
+`"on"` and `"off"` (YAML reads them as booleans); on the command line `trainer.lean_memory=on` works.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10
+
+    class StrEnum(str, Enum):  # type: ignore[no-redef]
+        """enum.StrEnum of Python 3.11: str() and format() give the value."""
+
+        __str__ = str.__str__
+        __format__ = str.__format__
+
+
+class Stage(StrEnum):
+    """`dpo-run <stage>`; each has conf/stage/<stage>.yaml and an entry in dpo_cli.cli.STAGES."""
+
+    sft = "sft"
+    dpo = "dpo"
+    prefs = "prefs"
+    eval = "eval"
+    winrate = "winrate"
+
+
+class Loss(StrEnum):
+    """`loss=<name>`; each has conf/loss/<name>.yaml and an entry in dpo_cli.losses.LOSSES."""
+
+    sft = "sft"
+    dpo = "dpo"
+    ipo = "ipo"
+    cdpo = "cdpo"
+    preferred_ft = "preferred_ft"
+    unlikelihood = "unlikelihood"
+    plackett_luce = "plackett_luce"
+
+
+class DataName(StrEnum):
+    """`data=<name>`: the adapters of dpo_cli.data.ADAPTERS."""
+
+    sentiment = "sentiment"
+    jsonl = "jsonl"
+    hh = "hh"
+    tldr = "tldr"
+    shp = "shp"
+    imdb = "imdb"
+
+
+HUB_DATASETS = frozenset({DataName.hh, DataName.tldr, DataName.shp, DataName.imdb})
+"""The adapters that read a Hugging Face dataset (dpo_cli.data.hub.HUB_ADAPTERS)."""
+
+
+class Engine(StrEnum):
+    single = "single"
+    deepspeed = "deepspeed"
+
+
+class Optimizer(StrEnum):
+    rmsprop = "rmsprop"
+    adamw = "adamw"
+
+
+class LeanMemory(StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class NanPolicy(StrEnum):
+    stop = "stop"
+    skip_batch = "skip_batch"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Offload(StrEnum):
+    none = "none"
+    cpu = "cpu"
+
+
+class LoggerName(StrEnum):
+    wandb = "wandb"
+    none = "none"
+
+
+class LoggerMode(StrEnum):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class RewardName(StrEnum):
+    vader = "vader"
+    hf_classifier = "hf_classifier"
+
+
+class JudgeName(StrEnum):
+    openai = "openai"
+    reward = "reward"
+
+
+class JudgeTemplate(StrEnum):
+    auto = "auto"
+    summary = "summary"
+    dialogue = "dialogue"
+
+
+class Method(StrEnum):
+    """`dpo-run winrate method=...`."""
+
+    policy = "policy"
+    best_of_n = "best_of_n"

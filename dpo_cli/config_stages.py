@@ -1,0 +1,179 @@
+"""The schema of the groups that sample, score and judge: `reward`, `eval` (frontier points and `dpo-run
+eval`), `prefs` (`dpo-run prefs`), `judge` and `winrate` (`dpo-run winrate`). dpo_cli/config.py assembles
+them into the root config; each group's range and cross-field checks are its `problems`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from dpo_cli.choices import JudgeName, JudgeTemplate, RewardName
+
+
+@dataclass
+class RewardConfig:
+    name: RewardName = RewardName.vader
+    """vader: VADER compound sentiment in [-1, 1] (offline) | hf_classifier: a label's probability."""
+    model_name_or_path: str = ""
+    """hf_classifier: hub id or local dir of a sequence-classification model."""
+    label: str = "POSITIVE"
+    """hf_classifier: the label whose probability is the reward."""
+    batch_size: int = 32
+    """hf_classifier: texts per forward pass."""
+    max_length_tokens: int = 512
+    """hf_classifier: texts are truncated to this many tokens."""
+
+    @staticmethod
+    def problems(r: DictConfig) -> list[str]:
+        p = []
+        if r.name == RewardName.hf_classifier and not r.model_name_or_path:
+            p.append("reward=hf_classifier needs reward.model_name_or_path=HUB_ID_OR_DIR")
+        return p
+
+
+@dataclass
+class EvalConfig:
+    """Frontier evaluation at every eval point: sample, score with the true reward, estimate KL."""
+
+    num_prompts: int = 48
+    """Held-out prompts sampled at every eval point (0 turns sampling evaluation off)."""
+    samples_per_prompt: int = 4
+    """Completions per prompt; several per prompt make the paired reward change resolve."""
+    temperature: float = 1.0
+    """Sampling temperature. The KL estimate assumes samples from the policy itself, i.e. 1.0."""
+    max_new_tokens: int = 24
+    """Tokens sampled per completion."""
+    seed: int = 1234
+    """Sampling seed, the same at every eval of every run, so points are paired across steps and runs."""
+    batch_size_prompts: int = 16
+    """Prompts per generate() call."""
+    num_table_samples: int = 8
+    """(prompt, completion, reward) rows logged to wandb per eval point; all go to samples.jsonl."""
+    best_of_n: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """`dpo-run eval`: Best-of-N baselines, N samples per prompt, the best by reward kept."""
+
+    @staticmethod
+    def problems(e: DictConfig) -> list[str]:
+        p = []
+        if e.num_prompts < 0:
+            p.append(f"eval.num_prompts={e.num_prompts}: must be >= 0")
+        if e.samples_per_prompt < 1:
+            p.append("eval.samples_per_prompt: must be >= 1")
+        if e.temperature <= 0:
+            p.append(f"eval.temperature={e.temperature}: must be > 0")
+        if not all(n >= 1 for n in e.best_of_n):
+            p.append(f"eval.best_of_n={e.best_of_n}: each N >= 1")
+        return p
+
+
+@dataclass
+class PrefsConfig:
+    """The `prefs` stage: sample completions per prompt, score them, write ranked records."""
+
+    prompts_path: str | None = None
+    """JSONL of {"prompt": ..., "split": ...}; None = the embedded sentiment openings."""
+    output_path: str | None = None
+    """Where to write records; None = `records.jsonl` in the run dir."""
+    num_samples: int = 4
+    """Completions sampled per prompt (the paper's sentiment setup: 4, giving up to 6 pairs)."""
+    max_new_tokens: int = 24
+    """Tokens sampled per completion."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 = the model's own distribution, as the reference must be)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    batch_size_prompts: int = 32
+    """Prompts per generate() call (each expanded to `num_samples` rows)."""
+    max_prompts: int | None = None
+    """Cap on prompts (for quick runs)."""
+
+    @staticmethod
+    def problems(c: DictConfig) -> list[str]:
+        p = []
+        if c.num_samples < 2:
+            p.append(f"prefs.num_samples={c.num_samples}: must be >= 2")
+        if c.temperature <= 0:
+            p.append(f"prefs.temperature={c.temperature}: must be > 0")
+        return p
+
+
+@dataclass
+class JudgeConfig:
+    """Who compares two completions for `dpo-run winrate` (dpo_cli/judge.py)."""
+
+    name: JudgeName = JudgeName.openai
+    """openai: an LLM behind any OpenAI-compatible chat-completions endpoint | reward: the larger
+    `reward=` score wins (offline; the sentiment task and tests)."""
+    base_url: str = "https://api.openai.com/v1"
+    """Endpoint root; requests go to `<base_url>/chat/completions` (a local vLLM or llama.cpp server:
+    http://127.0.0.1:8000/v1)."""
+    model: str = "gpt-4o"
+    """Judge model name as the server knows it."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself is never logged or written);
+    unset or empty: no Authorization header (local servers)."""
+    template: JudgeTemplate = JudgeTemplate.auto
+    """Judge prompt: summary (the paper's "concise" variant) | dialogue ("helpful") | auto (summary for
+    data=tldr, dialogue otherwise)."""
+    both_orders: bool = True
+    """Ask every comparison in both orders (position bias cancels; a flipped verdict is a tie). false: one
+    request per comparison in a seeded random order."""
+    max_concurrency: int = 8
+    """Requests in flight at once."""
+    timeout_seconds: float = 60.0
+    """Per-request timeout; a timed-out request is retried."""
+    max_retries: int = 5
+    """Retries of a request after HTTP 429, 5xx, a timeout or a dropped connection."""
+    backoff_seconds: float = 1.0
+    """Wait before the first retry; doubles at every retry (a server's Retry-After wins), capped at 60 s."""
+    max_answer_tokens: int = 256
+    """max_tokens of the judge's answer (a one-sentence comparison and the verdict line)."""
+    temperature: float = 0.0
+    """Judge sampling temperature (0: its most likely verdict, which also makes the cache exact)."""
+    cache_path: str | None = None
+    """JSONL cache of answers keyed by (server, judge model, prompt, both texts, order); None =
+    `<output_root>/judge_cache.jsonl`, shared by all runs, so a rerun pays only for what is missing."""
+    seed: int = 0
+    """Order of the two texts when `both_orders=false`."""
+
+    @staticmethod
+    def problems(j: DictConfig) -> list[str]:
+        p = []
+        if j.max_concurrency < 1:
+            p.append(f"judge.max_concurrency={j.max_concurrency}: must be >= 1")
+        if j.timeout_seconds <= 0:
+            p.append(f"judge.timeout_seconds={j.timeout_seconds}: must be > 0")
+        if j.max_retries < 0:
+            p.append(f"judge.max_retries={j.max_retries}: must be >= 0")
+        if j.backoff_seconds < 0:
+            p.append(f"judge.backoff_seconds={j.backoff_seconds}: must be >= 0")
+        if j.max_answer_tokens < 1:
+            p.append(f"judge.max_answer_tokens={j.max_answer_tokens}: must be >= 1")
+        if j.name == JudgeName.openai and not (j.base_url and j.model):
+            p.append("judge=openai needs judge.base_url=URL and judge.model=NAME")
+        return p
+
+
+@dataclass
+class WinrateConfig:
+    """`dpo-run winrate`: how the policy's completions are made."""
+
+    num_prompts: int = 256
+    """Held-out prompts compared (or the first prompts of a `baseline=` samples file)."""
+    max_new_tokens: int = 128
+    """Tokens sampled per completion."""
+    batch_size_prompts: int = 16
+    """Prompts per generate() call."""
+    seed: int = 1234
+    """Sampling seed, the same for every checkpoint, so runs compare on the same random stream."""
+
+    @staticmethod
+    def problems(w: DictConfig) -> list[str]:
+        p = []
+        if w.num_prompts < 1:
+            p.append(f"winrate.num_prompts={w.num_prompts}: must be >= 1")
+        if w.max_new_tokens < 1:
+            p.append("winrate.max_new_tokens: must be >= 1")
+        return p

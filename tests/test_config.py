@@ -1,0 +1,97 @@
+"""The schema: each list of choices exists once (dpo_cli/choices.py) and agrees with every other place that
+names the same things; choices are checked at compose time, ranges and cross-field rules by `validate`."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from dpo_cli import choices, cli
+from dpo_cli.choices import HUB_DATASETS, DataName, LeanMemory, Loss, Stage
+from dpo_cli.config import conf_dir, validate
+from dpo_cli.errors import ConfigError
+
+ENUMS = [
+    value
+    for value in vars(choices).values()
+    if isinstance(value, type) and issubclass(value, choices.StrEnum) and value is not choices.StrEnum
+]
+
+
+def compose_config(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def _stems(group: str) -> set[str]:
+    return {p.stem for p in (conf_dir() / group).glob("*.yaml")}
+
+
+@pytest.mark.parametrize("enum", ENUMS, ids=lambda e: e.__name__)
+def test_every_choice_is_named_by_its_value(enum):
+    """OmegaConf converts `key=name` to a member by its name, so the name must be the value users type."""
+    assert len(enum) >= 2
+    assert all(member.name == member.value == str(member) == f"{member}" for member in enum)
+
+
+def test_the_stages_agree_with_the_cli_and_conf_stage():
+    assert set(cli.STAGES) == set(Stage) == _stems("stage")
+
+
+def test_the_losses_agree_with_conf_loss():
+    assert set(Loss) == _stems("loss")
+
+
+def test_the_data_names_agree_with_the_adapters_and_conf_data():
+    from dpo_cli.data import ADAPTERS
+    from dpo_cli.data.hub import HUB_ADAPTERS
+
+    assert set(DataName) == set(ADAPTERS) == _stems("data")
+    assert set(HUB_ADAPTERS) == HUB_DATASETS
+
+
+def test_a_choice_is_a_member_and_compares_as_its_string():
+    cfg = compose_config("trainer=zero2", "trainer.lean_memory=on", "stage=dpo")
+    assert cfg.trainer.lean_memory is LeanMemory.on and cfg.trainer.engine == "deepspeed"
+    assert cfg.stage is Stage.dpo and cfg.loss.name is Loss.dpo and cfg.data.name is DataName.sentiment
+
+
+def test_a_value_outside_the_choices_fails_at_compose_time_and_reads_as_one_line():
+    with pytest.raises(Exception) as err:
+        compose_config("trainer.nan_policy=ignore", "stage=dpo")
+    assert cli._one_line(err.value) == "trainer.nan_policy=ignore: choose stop or skip_batch"
+
+
+def test_validate_gathers_the_problems_of_every_group_into_one_error():
+    cfg = compose_config(
+        "stage=sft", "lr=0", "loss.alpha=2", "trainer.keep_checkpoints=0", "judge.max_retries=-1"
+    )
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    problems = str(err.value).split("; ")
+    assert [p.split(":")[0] for p in problems] == [
+        "lr=0.0",
+        "loss.alpha=2.0",
+        "trainer.keep_checkpoints=0",
+        "judge.max_retries=-1",
+    ]
+
+
+def test_the_deepspeed_batch_must_split_over_the_world_size_given():
+    cfg = compose_config(
+        "trainer=zero2", "trainer.batch_size_examples=8", "trainer.microbatch_size_examples=2", "stage=dpo"
+    )
+    validate(cfg)  # trainer.num_processes=1 rank: 8 = 4 x 2
+    validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="x 3 ranks"):
+        validate(cfg, world_size=3)
+
+
+def test_the_config_modules_import_neither_data_nor_distributed():
+    from tests.test_architecture import import_graph
+
+    graph = import_graph()
+    for module in ("dpo_cli.config", "dpo_cli.config_stages", "dpo_cli.choices"):
+        assert graph[module] <= {"dpo_cli.choices", "dpo_cli.config_stages", "dpo_cli.errors"}, module
