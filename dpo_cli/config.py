@@ -115,22 +115,51 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: Loss = MISSING
-    """sft | dpo | ipo | cdpo | preferred_ft | unlikelihood | plackett_luce. Their KL-penalty strength is
-    the top-level `beta`."""
+    """A loss of dpo_cli.losses.LOSSES (README "Losses"); their KL-penalty strength is the top-level
+    `beta`. Hyperparameter names follow TRL where TRL has the loss."""
     label_smoothing: float = 0.0
-    """cDPO: assumed probability that a preference label is flipped, in [0, 0.5)."""
+    """cdpo, robust, aot, aot_unpaired, simpo: assumed probability that a preference label is flipped,
+    in [0, 0.5); exo_pair: its epsilon, in (0, 0.5)."""
     alpha: float = 1.0
-    """Unlikelihood: weight of the unlikelihood term on the rejected completion, in [0, 1]."""
+    """unlikelihood: weight of the unlikelihood term on the rejected completion, in [0, 1]."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin gamma (>= 0)."""
+    discopop_tau: float = 0.05
+    """discopop: the temperature tau of the log-ratio modulation (> 0)."""
+    dpop_lambda: float = 50.0
+    """dpop: the DPOP paper's lambda, the weight of the penalty on a chosen completion that becomes less
+    likely than under the reference (>= 0)."""
+    sft_weight: float = 0.0
+    """Any pairwise loss: adds this times the chosen completion's per-token negative log-likelihood (RPO;
+    TRL's loss_type=[..., "sft"]); >= 0."""
+    desirable_weight: float = 1.0
+    """kto: lambda_D, the weight of desirable examples (>= 0)."""
+    undesirable_weight: float = 1.0
+    """kto: lambda_U, the weight of undesirable examples (>= 0)."""
 
     @staticmethod
     def problems(c: DictConfig) -> list[str]:
+        from dpo_cli.losses import LOSSES  # torch: imported when a config is checked, not for --help
+
         p = []
         if not 0 <= c.alpha <= 1:
             p.append(f"loss.alpha={c.alpha}: must be in [0, 1]")
-        if not 0 <= c.label_smoothing < 0.5:
-            p.append(f"loss.label_smoothing={c.label_smoothing}: must be in [0, 0.5)")
-        if c.label_smoothing != 0 and c.name != Loss.cdpo:
-            p.append(f"loss.label_smoothing={c.label_smoothing} only applies to loss=cdpo (conservative DPO)")
+        low = 0 if c.name != Loss.exo_pair else 1e-12
+        if not low <= c.label_smoothing < 0.5:
+            p.append(
+                f"loss.label_smoothing={c.label_smoothing}: must be in {'[0' if low == 0 else '(0'}, 0.5)"
+            )
+        for key in ("simpo_gamma", "dpop_lambda", "sft_weight", "desirable_weight", "undesirable_weight"):
+            if c[key] < 0:
+                p.append(f"loss.{key}={c[key]}: must be >= 0")
+        if not c.discopop_tau > 0:
+            p.append(f"loss.discopop_tau={c.discopop_tau}: must be > 0")
+        # A hyperparameter the loss does not take must stay at its default: set, it would be ignored.
+        defaults = LossConfig()
+        for key in (f for f in c if f != "name" and c[f] != getattr(defaults, f)):
+            if key not in LOSSES[c.name].hyperparameters:
+                takes = ", ".join(name for name, spec in LOSSES.items() if key in spec.hyperparameters)
+                p.append(f"loss.{key}={c[key]} only applies to loss={takes}, not loss={c.name}")
         return p
 
 

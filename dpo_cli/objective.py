@@ -15,17 +15,17 @@ from omegaconf import DictConfig
 
 from dpo_cli.data.batches import Batch
 from dpo_cli.logps import model_sequence_logps, model_token_logps
-from dpo_cli.losses import LOSSES, Completions
+from dpo_cli.losses import LOSSES, Completions, kto_reference_point
 
 Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
 
 def make_objective(loss_cfg: DictConfig, beta: float, reference: torch.nn.Module | None = None) -> Objective:
     """The objective of `loss=<loss_cfg.name>`; `reference` scores the batches that carry no
-    precomputed `ref_logps` (None: no reference, as in SFT)."""
+    precomputed `ref_logps` (None, with no `ref_logps` either: no reference, as in SFT or SimPO)."""
     spec = LOSSES[loss_cfg.name]
     hyperparameters = {key: loss_cfg[key] for key in spec.hyperparameters}
-    metrics_of = _sequence_metrics if spec.examples == "sequences" else _preference_metrics
+    metrics_of = METRICS[spec.examples]
 
     def objective(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         # The reference first: its forward's scratch memory is reused, not stacked on the policy's
@@ -35,22 +35,19 @@ def make_objective(loss_cfg: DictConfig, beta: float, reference: torch.nn.Module
             with torch.no_grad():
                 ref_sequence = model_sequence_logps(reference, batch)
         per_token, mask = model_token_logps(model, batch)
-        index = batch["index"]
-        policy = Completions.gather(per_token, mask, index, batch["index_mask"], token_level=spec.token_level)
-        ref = None if ref_sequence is None else ref_sequence[index]
+        policy = Completions.gather(per_token, mask, batch, token_level=spec.token_level)
+        ref = None if ref_sequence is None else ref_sequence[batch["index"]]
         losses, chosen_rewards, rejected_rewards = spec.fn(policy, ref, beta=beta, **hyperparameters)
         # Sequences through a model per example: TRL's pairwise path runs 2 policy + 2 reference.
         through_models = 2 if reference is not None and "ref_logps" not in batch else 1
-        forward_sequences = len(batch["input_ids"]) * through_models / len(index)
-        metrics = metrics_of(policy, chosen_rewards, rejected_rewards, forward_sequences)
+        forward_sequences = len(batch["input_ids"]) * through_models / len(batch["index"])
+        metrics = metrics_of(policy, ref, chosen_rewards, rejected_rewards, forward_sequences)
         return spec.reduce(losses, policy), metrics
 
     return objective
 
 
-def _preference_metrics(
-    policy: Completions, chosen_rewards, rejected_rewards, forward_sequences: float
-) -> dict[str, float]:
+def _preference_metrics(policy: Completions, ref, chosen_rewards, rejected_rewards, forward_sequences):
     """The paper's code's metrics: implicit rewards of the best and worst completion, their log-probs."""
     rows = torch.arange(len(policy.logps), device=policy.logps.device)
     worst = policy.logps[rows, policy.valid.sum(-1) - 1]
@@ -65,6 +62,26 @@ def _preference_metrics(
     }
 
 
+def _unpaired_metrics(policy: Completions, ref, chosen_rewards, rejected_rewards, forward_sequences):
+    """KTO: the implicit rewards of the desirable and of the undesirable examples, and z0, the KL estimate
+    of the batch's mismatched pairs; a class absent from the batch counts 0."""
+    desirable = policy.desirable
+
+    def mean(values: torch.Tensor) -> float:
+        return values.mean().item() if len(values) else 0.0
+
+    return {
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/margins": mean(chosen_rewards) - mean(rejected_rewards),
+        "logps/chosen": mean(policy.logps[desirable, 0]),
+        "logps/rejected": mean(policy.logps[~desirable, 0]),
+        "kto_z0": kto_reference_point(policy, ref).item(),
+        "desirable_fraction": desirable.float().mean().item(),
+        "forward_sequences_per_pair": forward_sequences,
+    }
+
+
 def _sequence_metrics(policy: Completions, *_) -> dict[str, float]:
     logps, num_tokens = policy.logps[:, 0], policy.num_tokens[:, 0]
     return {
@@ -72,3 +89,11 @@ def _sequence_metrics(policy: Completions, *_) -> dict[str, float]:
         "logps/per_token": (logps.sum() / num_tokens.sum()).item(),
         "length_tokens": num_tokens.float().mean().item(),
     }
+
+
+METRICS = {
+    "pairs": _preference_metrics,
+    "rankings": _preference_metrics,
+    "unpaired": _unpaired_metrics,
+    "sequences": _sequence_metrics,
+}

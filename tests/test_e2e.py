@@ -207,3 +207,33 @@ def test_dpo_learns_a_consistent_preference(tmp_path, pair_file):
     assert train[-1]["train/rewards/accuracies"] == 1.0
     assert train[-1]["train/rewards/margins"] > train[0]["train/rewards/margins"] + 0.1
     assert train[-1]["train/loss"] < 0.6
+
+
+def test_one_sweep_puts_dpo_simpo_orpo_and_kto_on_one_frontier(sft_run):
+    run(
+        "-m",
+        "dpo",
+        *TINY,
+        f"output_root={sft_run}",
+        "exp_name=default",
+        "loss=dpo,simpo,orpo,kto",
+        "trainer.max_steps=2",
+        "run_name=menu_${loss.name}",
+    )
+    [sweep] = [p for p in (sft_run / "default" / "dpo").glob("multirun-*") if (p / "menu_kto").is_dir()]
+    rows = list(csv.DictReader((sweep / "frontier.csv").open()))
+    assert sorted({r["label"] for r in rows}) == [
+        "dpo beta=0.1",
+        "kto beta=0.1",
+        "orpo beta=0.1",
+        "simpo beta=0.1",
+    ]
+    assert sorted(int(r["step"]) for r in rows) == [0, 0, 0, 0, 2, 2, 2, 2]
+    kto = read_metrics(sweep / "menu_kto")
+    assert all(
+        0 < m["train/desirable_fraction"] < 1 and m["train/kto_z0"] >= 0 for m in kto if "train/loss" in m
+    )
+    for loss in ("simpo", "orpo"):  # reference-free: the batches carry no reference log-probs
+        train = [m for m in read_metrics(sweep / f"menu_{loss}") if "train/loss" in m]
+        assert all(m["train/forward_sequences_per_pair"] <= 2 for m in train)
+        assert all(math.isfinite(m["train/loss"]) for m in train)

@@ -255,13 +255,14 @@ def test_preferred_ft_is_per_token_nll_of_chosen() -> None:
 def test_the_registry_matches_the_shipped_loss_files_and_the_schema():
     from dataclasses import fields
 
-    from dpo_cli.config import LossConfig, conf_dir
+    from dpo_cli.config import Loss, LossConfig, conf_dir
     from dpo_cli.losses import LOSSES
 
-    assert set(LOSSES) == {p.stem for p in (conf_dir() / "loss").glob("*.yaml")}
+    assert set(LOSSES) == {p.stem for p in (conf_dir() / "loss").glob("*.yaml")} == set(Loss)
     keys = {f.name for f in fields(LossConfig)}
     for name, spec in LOSSES.items():
-        assert spec.examples in ("pairs", "rankings", "sequences"), name
+        assert spec.examples in ("pairs", "rankings", "unpaired", "sequences"), name
+        assert spec.reference in ("loss", "metrics", "none"), name
         assert set(spec.hyperparameters) <= keys, name
         assert not spec.token_level or spec.examples == "pairs", name
 

@@ -1,11 +1,13 @@
 """Datasets -> records (see DESIGN.md) -> the view a loss trains on.
 
-Records are plain dicts of one of three kinds:
-    pair:   {"prompt", "chosen", "rejected"}
-    ranked: {"prompt", "responses", "ranking"} (+ optional "rewards"), ranking = indices, best first
-    sft:    {"prompt", "completion"}
+Records are plain dicts of one of four kinds:
+    pair:     {"prompt", "chosen", "rejected"}
+    ranked:   {"prompt", "responses", "ranking"} (+ optional "rewards"), ranking = indices, best first
+    sft:      {"prompt", "completion"}
+    unpaired: {"prompt", "completion", "label"}, label true (desirable) or false (KTO)
 each with an optional "split". A view turns records into examples `(prompt, [completion, ...])`: one
-completion for SFT, (chosen, rejected) for pairwise losses, K best-first completions for Plackett-Luce.
+completion for SFT, (chosen, rejected) for pairwise losses, K best-first completions for Plackett-Luce,
+and for KTO `(prompt, [completion, another prompt's completion], label)`.
 Adapters for hub datasets plug into ADAPTERS: a function from DataConfig to a list of records.
 """
 
@@ -25,11 +27,12 @@ SHIPPED_SENTIMENT = Path(__file__).resolve().parent / "sentiment" / "records.jso
 SHIPPED_OPENINGS = Path(__file__).resolve().parent / "sentiment" / "openings.jsonl"
 EVAL_SPLITS = ("test", "eval", "validation", "heldout")
 
-Example = tuple[str, list[str]]
+# (prompt, completions) or, for unpaired examples, (prompt, completions, desirable).
+Example = tuple[str, list[str]] | tuple[str, list[str], bool]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSON-lines file, each checked, all of one kind (pair, ranked or sft).
+    """Records of a JSON-lines file, each checked, all of one kind (pair, ranked, sft or unpaired).
 
     Read with the json module (not `datasets`' Arrow reader: it would parse the file a second time, and
     importing it costs ~0.5 s and ~95 MiB of resident memory in every run), so an error names the line.
@@ -69,10 +72,13 @@ def _check_record(record: dict, where: str) -> str:
         "pair": ("prompt", "chosen", "rejected"),
         "ranked": ("prompt",),
         "sft": ("prompt", "completion"),
+        "unpaired": ("prompt", "completion"),
     }
     for name in text_fields[kind]:
         if not isinstance(record.get(name), str):
             raise ConfigError(f"{where}: field {name!r} must be a string")
+    if kind == "unpaired" and not isinstance(record["label"], bool):
+        raise ConfigError(f"{where}: field 'label' must be true (desirable) or false (undesirable)")
     if kind == "ranked":
         responses, ranking = record["responses"], record["ranking"]
         if not (
@@ -92,10 +98,10 @@ def record_kind(record: dict, where: str = "record") -> str:
     if "responses" in record and "ranking" in record:
         return "ranked"
     if "completion" in record:
-        return "sft"
+        return "unpaired" if "label" in record else "sft"
     raise ConfigError(
-        f"{where}: expected fields prompt+chosen+rejected, prompt+responses+ranking or prompt+completion; "
-        f"got {sorted(record)}"
+        f"{where}: expected fields prompt+chosen+rejected, prompt+responses+ranking, prompt+completion or "
+        f"prompt+completion+label; got {sorted(record)}"
     )
 
 
@@ -146,7 +152,11 @@ def sft_view(records: list[dict]) -> list[Example]:
     for r in records:
         kind = record_kind(r)
         completions = (
-            [r["completion"]] if kind == "sft" else [r["chosen"]] if kind == "pair" else r["responses"]
+            [r["completion"]]
+            if kind in ("sft", "unpaired")
+            else [r["chosen"]]
+            if kind == "pair"
+            else r["responses"]
         )
         examples += [(r["prompt"], [c]) for c in completions]
     return examples
@@ -159,9 +169,10 @@ def pair_view(records: list[dict], *, min_reward_gap: float = 0.0) -> list[Examp
     identical = 0
     for r in records:
         kind = record_kind(r)
-        if kind == "sft":
+        if kind in ("sft", "unpaired"):
             raise ConfigError(
-                "a preference loss needs pair or ranked records, got SFT records (prompt+completion)"
+                f"a preference loss needs pair or ranked records, got {kind} records (prompt+completion"
+                f"{'+label: loss=kto trains on them' if kind == 'unpaired' else ''})"
             )
         pairs = [(r["chosen"], r["rejected"])] if kind == "pair" else []
         rewards = r.get("rewards") if kind == "ranked" else None
@@ -183,10 +194,44 @@ def ranked_view(records: list[dict]) -> list[Example]:
     examples: list[Example] = []
     for r in records:
         kind = record_kind(r)
-        if kind == "sft":
-            raise ConfigError("loss=plackett_luce needs ranked or pair records, got SFT records")
+        if kind in ("sft", "unpaired"):
+            raise ConfigError(f"loss=plackett_luce needs ranked or pair records, got {kind} records")
         examples.append((r["prompt"], [r["chosen"], r["rejected"]] if kind == "pair" else _ordered(r)))
     return examples
+
+
+def unpaired_view(records: list[dict]) -> list[Example]:
+    """KTO's examples: unpaired records as they are; a pair (or a ranking's best and worst) split into a
+    desirable and an undesirable example. Each example also carries the completion of another prompt's
+    example (a fixed, seeded pairing), scored beside its own: the mismatched pairs of every batch give
+    KTO's reference point z0, the policy's KL to the reference (Ethayarajh et al. 2024, Sec. 4.1)."""
+    labelled: list[tuple[str, str, bool]] = []
+    for r in records:
+        kind = record_kind(r)
+        if kind == "sft":
+            raise ConfigError(
+                "loss=kto needs unpaired (prompt+completion+label), pair or ranked records, got SFT records"
+            )
+        if kind == "unpaired":
+            labelled.append((r["prompt"], r["completion"], r["label"]))
+        else:
+            best, *_, worst = [r["chosen"], r["rejected"]] if kind == "pair" else _ordered(r)
+            labelled += [(r["prompt"], best, True), (r["prompt"], worst, False)]
+    if len({prompt for prompt, _, _ in labelled}) < 2:
+        raise ConfigError(
+            "loss=kto needs examples of at least 2 prompts (its KL estimate pairs prompts with "
+            "other prompts' completions)"
+        )
+    order = list(range(len(labelled)))
+    random.Random(0).shuffle(order)
+    partner = {}
+    for k, i in enumerate(order):
+        # The next example in the shuffled order whose prompt differs.
+        partner[i] = next(j for j in order[k + 1 :] + order[:k] if labelled[j][0] != labelled[i][0])
+    return [
+        (prompt, [completion, labelled[partner[i]][1]], label)
+        for i, (prompt, completion, label) in enumerate(labelled)
+    ]
 
 
 def example_splits(

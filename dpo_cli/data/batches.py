@@ -33,6 +33,8 @@ Batch = dict[str, torch.Tensor]  # what collate returns, as the models and losse
 class TokenizedExample:
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[tuple[int, ...], ...]
+    desirable: bool | None = None
+    """Unpaired examples (KTO): whether the first completion is desirable."""
 
 
 def tokenize_examples(
@@ -55,14 +57,14 @@ def tokenize_examples(
     eos = tokenizer.eos_token_id
     out = []
     long_prompts: set[str] = set()
-    for prompt, completions in examples:
+    for prompt, completions, *label in examples:
         prompt_ids = ids(prompt, True)
         if len(prompt_ids) > max_prompt_length_tokens:
             long_prompts.add(prompt)
             prompt_ids = prompt_ids[-max_prompt_length_tokens:]
         budget = max_length_tokens - len(prompt_ids) - 1
         completion_ids = tuple(tuple(ids(c, False)[:budget] + [eos]) for c in completions)
-        out.append(TokenizedExample(tuple(prompt_ids), completion_ids))
+        out.append(TokenizedExample(tuple(prompt_ids), completion_ids, *label))
     if long_prompts:
         print(
             f"data: {len(long_prompts)} prompt(s) longer than data.max_prompt_length_tokens="
@@ -103,6 +105,8 @@ def collate(
         "index": index_tensor,
         "index_mask": index_mask,
     }
+    if examples[0].desirable is not None:
+        batch["desirable"] = torch.tensor([ex.desirable for ex in examples])
     if ref_logps is not None:
         batch["ref_logps"] = torch.tensor([ref_logps[row] for row in rows], dtype=torch.float32)
     if share_prompts:

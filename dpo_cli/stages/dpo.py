@@ -1,18 +1,28 @@
 """`dpo-run dpo`: preference optimisation from the SFT checkpoint, which is also the frozen reference.
 
-The recipe: find the SFT checkpoint, read the loss's view of the data (pairs or rankings), load the policy,
-score the reference once (`ref.precompute`), then train with the loss looked up in `losses.LOSSES`.
+The recipe: look the loss up in `losses.LOSSES`, find the SFT checkpoint, read the loss's view of the data
+(pairs, rankings or unpaired examples), load the policy, score the reference once (`ref.precompute`) if
+the loss or its metrics read it, then train.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
-from dpo_cli.data import example_splits, pair_view, ranked_view
-from dpo_cli.data.batches import make_batches, tokenize_splits, training_data, visited_examples
+from dpo_cli.data import example_splits, pair_view, ranked_view, unpaired_view
+from dpo_cli.data.batches import (
+    RefTable,
+    TokenizedExample,
+    make_batches,
+    tokenize_splits,
+    training_data,
+    visited_examples,
+)
 from dpo_cli.engine import loop, rundir
 from dpo_cli.engine.backends import backend_class
 from dpo_cli.evaluate import make_frontier
@@ -30,9 +40,14 @@ from dpo_cli.reference import (
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
+    spec = LOSSES[cfg.loss.name]
     sft_dir = rundir.find_sft_checkpoint(cfg)
-    views = {"pairs": partial(pair_view, min_reward_gap=cfg.data.min_reward_gap), "rankings": ranked_view}
-    *splits, eval_records = example_splits(cfg.data, views[LOSSES[cfg.loss.name].examples])
+    views = {
+        "pairs": partial(pair_view, min_reward_gap=cfg.data.min_reward_gap),
+        "rankings": ranked_view,
+        "unpaired": unpaired_view,
+    }
+    *splits, eval_records = example_splits(cfg.data, views[spec.examples])
     run = rundir.prepare(cfg, run_dir)
     print(f"dpo: policy init and reference = {sft_dir}")
     policy, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
@@ -47,25 +62,22 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
 
     # The reference is frozen, so its log-probs of the held-out batches are computed once (not at every
     # eval point), and with ref.precompute those of the training data too: then it is loaded only to
-    # score a cache miss or to measure the KL of samples at the frontier's eval points.
-    pad, share = tokenizer.pad_token_id, cfg.trainer.share_prompts
-    ref_model = load_reference() if not cfg.ref.precompute or cfg.eval.num_prompts else None
+    # score a cache miss or to measure the KL of samples at the frontier's eval points. A reference-free
+    # loss (spec.reference == "none") never scores it; the frontier's KL still needs it.
+    scored = spec.reference != "none"
+    online = scored and not cfg.ref.precompute
+    ref_model = load_reference() if online or cfg.eval.num_prompts else None
     cache = None
     if cfg.ref.precompute:
         numerics = f"{cfg.model.dtype}|{run.device.type}|{cfg.trainer.engine}"
         cache = cache_dir_for(Path(cfg.ref.cache_dir), checkpoint_fingerprint(sft_dir), numerics)
-        ref_table = precomputed_table(
-            lambda: ref_model if ref_model is not None else load_reference(),
-            visited_examples(train, cfg) + held_out,
-            directory=cache,
-            pad_token_id=pad,
-            device=run.device,
-            share_prompts=share,
+    ref_table = None
+    if scored:
+        reference = (lambda: ref_model) if ref_model is not None else load_reference
+        ref_table = _reference_table(
+            cfg, reference, train, held_out, tokenizer.pad_token_id, run.device, cache
         )
-    else:
-        sequences = unique_sequences(held_out)
-        logps = score_sequences(ref_model, sequences, pad, run.device, share_prompts=share)
-        ref_table = dict(zip(sequences, logps.tolist(), strict=True))
+    pad, share = tokenizer.pad_token_id, cfg.trainer.share_prompts
     eval_batches = make_batches(
         held_out, cfg.trainer.microbatch_size_examples, pad, ref_table, share_prompts=share
     )
@@ -75,7 +87,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         eval_batches,
         pad,
         start_step=run.start_step,
-        ref_logps=ref_table if cfg.ref.precompute else None,
+        ref_logps=None if online else ref_table,
         share_prompts=share,
     )
 
@@ -86,6 +98,34 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         else make_frontier(cfg, eval_records, tokenizer, ref_model, run_dir, reference_point_dir=cache)
     )
     backend = Backend(cfg, policy, tokenizer, run.device)
-    loop.train(cfg, run, backend, data, make_objective(cfg.loss, cfg.beta, ref_model), frontier, logger)
+    objective = make_objective(cfg.loss, cfg.beta, ref_model if online else None)
+    loop.train(cfg, run, backend, data, objective, frontier, logger)
     logger.close()
     rundir.finish(run_dir, "dpo-run -m dpo beta=0.05,0.1,1,5", "a beta sweep traces the reward/KL frontier")
+
+
+def _reference_table(
+    cfg: DictConfig,
+    reference: Callable[[], torch.nn.Module],
+    train: list[TokenizedExample],
+    held_out: list[TokenizedExample],
+    pad_token_id: int,
+    device: torch.device,
+    cache: Path | None,
+) -> RefTable:
+    """log pi_ref of every unique sequence the run looks up: with ref.precompute the training sequences
+    (in data order) and the held-out ones, read from `cache` or scored once by `reference()` and added to
+    it; otherwise the held-out ones only (the training batches are then scored online)."""
+    share = cfg.trainer.share_prompts
+    if cfg.ref.precompute:
+        return precomputed_table(
+            reference,
+            visited_examples(train, cfg) + held_out,
+            directory=cache,
+            pad_token_id=pad_token_id,
+            device=device,
+            share_prompts=share,
+        )
+    sequences = unique_sequences(held_out)
+    logps = score_sequences(reference(), sequences, pad_token_id, device, share_prompts=share)
+    return dict(zip(sequences, logps.tolist(), strict=True))
