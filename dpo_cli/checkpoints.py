@@ -22,7 +22,7 @@ import torch
 import transformers.modeling_utils
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_cli import distributed
+from dpo_cli import adapters, distributed
 from dpo_cli.errors import RunStopped
 
 TRAINER_STATE = "trainer_state.pt"
@@ -152,6 +152,18 @@ def save_resumable(
     return write_atomically(path, write)
 
 
+def load_trained_weights(model: torch.nn.Module, path: Path) -> None:
+    """Put a `save_resumable` dir's weights into `model` in place: the whole model, or for a PEFT model
+    (whose resumable checkpoints hold only the adapter) the adapter."""
+    if adapters.is_adapted(model):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    else:
+        model.load_state_dict(type(model).from_pretrained(path).state_dict())
+
+
 def save_deepspeed_resumable(ds_engine: Any, path: Path, state: dict[str, Any]) -> Path:
     """DeepSpeed's own checkpoint (every rank writes its shards; a collective) plus each rank's RNG state,
     then `trainer_state.pt`; rank 0 renames it into place once every rank has written, as above."""
@@ -159,7 +171,11 @@ def save_deepspeed_resumable(ds_engine: Any, path: Path, state: dict[str, Any]) 
     if distributed.is_main():
         _fresh_tmp(path)
     distributed.barrier()
-    ds_engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+    # A PEFT model's frozen base is the checkpoint it started from: only the adapter is saved.
+    frozen = adapters.is_adapted(ds_engine)
+    ds_engine.save_checkpoint(
+        str(tmp.parent), tag=tmp.name, save_latest=False, exclude_frozen_parameters=frozen
+    )
     torch.save(rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main():
@@ -171,7 +187,9 @@ def save_deepspeed_resumable(ds_engine: Any, path: Path, state: dict[str, Any]) 
 
 def load_deepspeed_resumable(ds_engine: Any, path: Path) -> None:
     """Model shards, optimizer and scheduler state of a `save_deepspeed_resumable` dir; this rank's RNG."""
-    ds_engine.load_checkpoint(str(path.parent), tag=path.name)
+    ds_engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_module_strict=not adapters.is_adapted(ds_engine)
+    )
     restore_rng(torch.load(path / f"rng-rank{distributed.rank()}.pt", weights_only=False))
 
 

@@ -59,6 +59,14 @@ class Loss(StrEnum):
     kto = "kto"
 
 
+class PeftName(StrEnum):
+    """`peft=<name>`: conf/peft/<name>.yaml."""
+
+    none = "none"
+    lora = "lora"
+    qlora = "qlora"
+
+
 class DataName(StrEnum):
     """`data=<name>`: the adapters of dpo_cli.data.ADAPTERS."""
 

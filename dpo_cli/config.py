@@ -29,6 +29,7 @@ from dpo_cli.choices import (
     NanPolicy,
     Offload,
     Optimizer,
+    PeftName,
     Stage,
 )
 from dpo_cli.config_stages import EvalConfig, JudgeConfig, PrefsConfig, RewardConfig, WinrateConfig
@@ -160,6 +161,42 @@ class LossConfig:
             if key not in LOSSES[c.name].hyperparameters:
                 takes = ", ".join(name for name, spec in LOSSES.items() if key in spec.hyperparameters)
                 p.append(f"loss.{key}={c[key]} only applies to loss={takes}, not loss={c.name}")
+        return p
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (peft): a LoRA adapter trains instead of every weight."""
+
+    name: PeftName = PeftName.none
+    """none: full fine-tuning | lora: a LoRA adapter on the frozen model | qlora: the same on a base held
+    in 4-bit NF4 (bitsandbytes)."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling alpha (the update is scaled by alpha / r); peft's lora_alpha."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input, in [0, 1)."""
+    target_modules: list[str] | None = None
+    """Names of the modules that get an adapter; None: every linear layer but the LM head."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapter (e.g. [lm_head]) and saved with it."""
+    compute_dtype: str = "float32"
+    """qlora: dtype the 4-bit layers compute in (float32 on a CPU; bfloat16 on GPUs)."""
+    double_quant: bool = False
+    """qlora: quantise the quantisation constants too (QLoRA's double quantisation)."""
+
+    @staticmethod
+    def problems(c: DictConfig) -> list[str]:
+        p = []
+        if c.r < 1:
+            p.append(f"peft.r={c.r}: must be >= 1")
+        if c.alpha < 1:
+            p.append(f"peft.alpha={c.alpha}: must be >= 1")
+        if not 0 <= c.dropout < 1:
+            p.append(f"peft.dropout={c.dropout}: must be in [0, 1)")
+        if c.compute_dtype not in ("float32", "bfloat16", "float16"):
+            p.append(f"peft.compute_dtype={c.compute_dtype}: choose float32, bfloat16 or float16")
         return p
 
 
@@ -367,6 +404,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     winrate: WinrateConfig = field(default_factory=WinrateConfig)
     ref: RefConfig = field(default_factory=RefConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     @staticmethod
     def problems(c: DictConfig) -> list[str]:
@@ -424,6 +462,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         *Config.problems(cfg),
         *DataConfig.problems(cfg.data),
         *LossConfig.problems(cfg.loss),
+        *PeftConfig.problems(cfg.peft),
         *TrainerConfig.problems(t, world),
         *RewardConfig.problems(cfg.reward),
         *EvalConfig.problems(cfg.eval),

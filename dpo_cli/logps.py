@@ -97,8 +97,9 @@ def model_token_logps(
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    config = getattr(model, "config", None)
+    transformer, adapter_state = _transformer(model)
+    head = transformer.get_output_embeddings() if transformer is not None else None
+    config = getattr(transformer, "config", None)
     plain = (
         head is None
         or not isinstance(head, torch.nn.Linear)
@@ -109,11 +110,11 @@ def model_token_logps(
     # fast kernels lack masked grouped-query attention) and the copies are saved for backward: SmolLM2's
     # 3 K/V heads become 9 in all 30 layers. torch's CPU flash kernel takes a mask with GQA at the same
     # speed, so on the CPU the shared-prompt forward asks for it (an env var transformers reads per call).
-    with _masked_gqa_on_cpu(shared and mask.device.type == "cpu"):
+    with _masked_gqa_on_cpu(shared and mask.device.type == "cpu"), adapter_state:
         if plain:
             logits = model(**inputs).logits
         else:
-            hidden = model.base_model(**inputs).last_hidden_state
+            hidden = transformer.base_model(**inputs).last_hidden_state
     if plain:
         if not shared:
             return token_logps(logits, batch["labels"])
@@ -127,6 +128,21 @@ def model_token_logps(
         selected = _ChunkedHeadLogps.apply(selected_hidden, head.weight, head.bias, labels[mask], rows)
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return per_token.masked_scatter(mask, selected), mask
+
+
+def _transformer(model: torch.nn.Module) -> tuple[PreTrainedModel | None, contextlib.AbstractContextManager]:
+    """The Hugging Face model whose decoder and LM head `model` runs, and the context to run them in:
+    a plain model itself; a PEFT model's base model (its LoRA layers in place); a `ReferenceView`'s, with
+    the adapter disabled. None for what only runs as a whole (a DeepSpeed engine)."""
+    if isinstance(model, PreTrainedModel):
+        return model, contextlib.nullcontext()
+    if hasattr(model, "disabled"):  # adapters.ReferenceView
+        return model.transformer(), model.disabled()
+    if hasattr(model, "module"):  # a DeepSpeed engine: its forward does the ZeRO bookkeeping
+        return None, contextlib.nullcontext()
+    if hasattr(model, "get_base_model") and isinstance(model.get_base_model(), PreTrainedModel):  # PeftModel
+        return model.get_base_model(), contextlib.nullcontext()
+    return None, contextlib.nullcontext()
 
 
 @contextlib.contextmanager

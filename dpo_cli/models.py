@@ -78,9 +78,11 @@ def _package_dir(package: str) -> str:
 
 
 def load_model(
-    cfg: ModelConfig, *, seed: int, checkpoint: str | Path | None = None
+    cfg: ModelConfig, *, seed: int, checkpoint: str | Path | None = None, quantization=None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model and tokenizer of `checkpoint` (an HF dir written by a stage) or else of the preset."""
+    """The model and tokenizer of `checkpoint` (an HF dir written by a stage) or else of the preset;
+    `quantization`: a transformers quantization config (peft=qlora's 4-bit base), for safetensors
+    checkpoints and hub models."""
     dtype = DTYPES.get(cfg.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
@@ -90,6 +92,11 @@ def load_model(
                 f"{checkpoint}: not a model checkpoint (no config.json); point at a `final/` dir"
             )
         source, kwargs = str(checkpoint), {}
+    elif quantization is not None and (cfg.name == "tiny" or cfg.python_package or cfg.gguf_file):
+        raise ConfigError(
+            f"peft=qlora quantises a safetensors model as it loads; model={cfg.name} is built in memory or "
+            "read from GGUF: start from a checkpoint dir instead (`dpo-run sft` writes one) or use peft=lora"
+        )
     elif cfg.name == "tiny":
         tokenizer = tiny_tokenizer()
         return _tiny_model(cfg, tokenizer, seed).to(dtype), tokenizer
@@ -99,6 +106,8 @@ def load_model(
         source, kwargs = cfg.name_or_path, {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if quantization is not None:
+            kwargs |= {"quantization_config": quantization, "device_map": resolve_device("auto").type}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"

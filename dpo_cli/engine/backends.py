@@ -7,9 +7,11 @@ class here and no branch there:
     backward(loss)         accumulate this micro-batch's gradients
     lr()                   the learning rate of the step in flight
     step(apply) -> norm    clip, then update (when `apply`); the gradient norm before clipping
-    save(path, state)      a resumable checkpoint: weights, optimizer, schedule, RNG, plus the loop's `state`
+    save(path, state)      a resumable checkpoint: weights (an adapter's only), optimizer, schedule, RNG,
+                           plus the loop's `state`
     load(path, state)      restore one, given its trainer state
-    save_final(path)       the full weights as a Hugging Face model dir (`final/`)
+    save_final(path)       the full weights as a Hugging Face model dir (`final/`); a PEFT model's merged
+                           into the base `load_base()` gives, with the adapter in `final/adapter/`
     frozen(cfg, model, device)   (class method) a frozen reference model placed as this backend places it
 
 Under DeepSpeed the same loop runs on every rank (dpo_cli/distributed.py starts them): each rank trains on
@@ -19,6 +21,7 @@ its share of every global batch, and DeepSpeed averages the gradients, clips and
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +30,16 @@ from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_cli import distributed, lean
+from dpo_cli import adapters, distributed, lean
 from dpo_cli.checkpoints import (
     load_deepspeed_resumable,
+    load_trained_weights,
     restore_rng,
     rng_state,
     save_deepspeed_resumable,
     save_model,
     save_resumable,
+    write_atomically,
 )
 from dpo_cli.errors import ConfigError
 from dpo_cli.optim import make_optimizer, optimizer_and_schedule, warmup
@@ -46,11 +51,18 @@ class SingleProcess:
     # A non-finite batch can be dropped here (`trainer.nan_policy=skip_batch`); see DeepSpeed.
     can_skip_batches = True
 
-    def __init__(self, cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        load_base: Callable[[], PreTrainedModel] | None = None,
+    ):
         t = cfg.trainer
         if lean.wanted(t.lean_memory, model):
             lean.apply(model, trim_heap=t.heap_trim and device.type == "cpu")
-        self.module, self.tokenizer = model, tokenizer
+        self.module, self.tokenizer, self.load_base = model, tokenizer, load_base
         self.accumulation_steps = t.batch_size_examples // t.microbatch_size_examples
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = optimizer_and_schedule(t, self.params, cfg.lr)
@@ -84,12 +96,19 @@ class SingleProcess:
         save_resumable(self.module, self.tokenizer, path, state)
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(type(self.module).from_pretrained(path).state_dict())
+        load_trained_weights(self.module, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
 
     def save_final(self, path: Path) -> Path:
+        if adapters.is_adapted(self.module):
+            from peft import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(self.module)
+            return write_atomically(
+                path, adapters.merged_writer(self.module, state, self.tokenizer, self.load_base)
+            )
         return save_model(self.module, self.tokenizer, path)
 
 
@@ -100,7 +119,14 @@ class DeepSpeed:
     # Every rank must take the same branch; a non-finite loss stops them all (config.py enforces it).
     can_skip_batches = False
 
-    def __init__(self, cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        load_base: Callable[[], PreTrainedModel] | None = None,
+    ):
         import deepspeed
 
         t = cfg.trainer
@@ -113,7 +139,7 @@ class DeepSpeed:
         self.module, *_ = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
-        self.tokenizer = tokenizer
+        self.tokenizer, self.load_base = tokenizer, load_base
         # Micro-batches per optimizer step on this rank, as the data shards them (data.batches).
         self.accumulation_steps = t.batch_size_examples // (
             t.microbatch_size_examples * distributed.world_size()
@@ -164,7 +190,14 @@ class DeepSpeed:
 
     def save_final(self, path: Path) -> Path:
         state_dict = _full_state_dict(self.module)
-        if distributed.is_main():
+        if distributed.is_main() and adapters.is_adapted(self.module):
+            from peft import get_peft_model_state_dict
+
+            adapter_state = get_peft_model_state_dict(self.module.module, state_dict=state_dict)
+            write_atomically(
+                path, adapters.merged_writer(self.module, adapter_state, self.tokenizer, self.load_base)
+            )
+        elif distributed.is_main():
             save_model(self.module.module, self.tokenizer, path, state_dict)
         distributed.barrier()
         return path

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dpo_cli import distributed
+from dpo_cli.adapters import count_parameters
 from dpo_cli.checkpoints import TRAINER_STATE, keep_newest, latest_resumable
 from dpo_cli.data.batches import Batch, TrainData
 from dpo_cli.engine.rundir import RunDir
@@ -45,7 +46,9 @@ def train(
     if run.resume_from is not None:
         _resume(cfg, backend, run.resume_from, frontier)
     else:
-        eval_point(backend.module, 0, data.eval_batches, objective, frontier, logger, run.device)
+        trainable, total = count_parameters(backend.module)
+        sizes = {"train/trainable_parameters": trainable, "train/parameters": total}
+        eval_point(backend.module, 0, data.eval_batches, objective, frontier, logger, run.device, sizes)
 
     def save(step: int) -> Path:
         state = {"step": step, "engine": t.engine, "world_size": distributed.world_size()}
@@ -176,9 +179,11 @@ def eval_point(
     frontier: FrontierEvaluator | None,
     logger: RunLogger,
     device: torch.device,
+    also: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """One eval point: held-out objective metrics, plus a (KL, reward) frontier point when sampling is on."""
-    metrics = evaluate(model, batches, objective, device)
+    """One eval point: held-out objective metrics, plus a (KL, reward) frontier point when sampling is on
+    (and `also`, logged in the same line)."""
+    metrics = evaluate(model, batches, objective, device) | (also or {})
     if frontier is not None:
         frontier_metrics, rows = frontier(model, step)
         metrics |= frontier_metrics

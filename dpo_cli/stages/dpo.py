@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from dpo_cli import adapters
 from dpo_cli.data import example_splits, pair_view, ranked_view, unpaired_view
 from dpo_cli.data.batches import (
     RefTable,
@@ -50,13 +51,19 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     *splits, eval_records = example_splits(cfg.data, views[spec.examples])
     run = rundir.prepare(cfg, run_dir)
     print(f"dpo: policy init and reference = {sft_dir}")
-    policy, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
+    policy, tokenizer = load_model(
+        cfg.model, seed=cfg.seed, checkpoint=sft_dir, quantization=adapters.quantization(cfg)
+    )
     policy.to(run.device)
+    if adapters.wanted(cfg):
+        policy = adapters.wrap(policy, cfg)
     train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"dpo: {len(train)} training and {len(held_out)} held-out examples (loss={cfg.loss.name})")
     Backend = backend_class(cfg)
 
     def load_reference():
+        if adapters.wanted(cfg):  # the SFT model is the policy with its adapter off: nothing to load
+            return adapters.ReferenceView(policy)
         model, _ = load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)
         return Backend.frozen(cfg, model, run.device)  # ZeRO-3: sharded over the ranks
 
@@ -70,6 +77,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     cache = None
     if cfg.ref.precompute:
         numerics = f"{cfg.model.dtype}|{run.device.type}|{cfg.trainer.engine}"
+        numerics += "|nf4" if cfg.peft.name == "qlora" else ""  # the 4-bit base scores differently
         cache = cache_dir_for(Path(cfg.ref.cache_dir), checkpoint_fingerprint(sft_dir), numerics)
     ref_table = None
     if scored:
@@ -97,7 +105,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         if ref_model is None
         else make_frontier(cfg, eval_records, tokenizer, ref_model, run_dir, reference_point_dir=cache)
     )
-    backend = Backend(cfg, policy, tokenizer, run.device)
+    load_base = lambda: load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)[0]  # noqa: E731
+    backend = Backend(cfg, policy, tokenizer, run.device, load_base=load_base)
     objective = make_objective(cfg.loss, cfg.beta, ref_model if online else None)
     loop.train(cfg, run, backend, data, objective, frontier, logger)
     logger.close()

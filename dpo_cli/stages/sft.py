@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from dpo_cli import adapters
 from dpo_cli.data import example_splits, sft_view
 from dpo_cli.data.batches import make_batches, tokenize_splits, training_data
 from dpo_cli.engine import loop, rundir
@@ -20,11 +21,18 @@ from dpo_cli.objective import make_objective
 def run(cfg: DictConfig, run_dir: Path) -> None:
     *splits, eval_records = example_splits(cfg.data, sft_view)
     run = rundir.prepare(cfg, run_dir)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
-    model.to(run.device)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed, quantization=adapters.quantization(cfg))
     Backend = backend_class(cfg)
-    # The frontier's KL is measured against the model SFT starts from, kept frozen.
-    initial_model = Backend.frozen(cfg, copy.deepcopy(model), run.device) if cfg.eval.num_prompts else None
+    # The frontier's KL is measured against the model SFT starts from, kept frozen: under a LoRA adapter
+    # that is the model itself with the adapter off; otherwise a copy.
+    if adapters.wanted(cfg):
+        model = adapters.wrap(model.to(run.device), cfg)
+        initial_model = adapters.ReferenceView(model)
+    else:
+        model.to(run.device)
+        initial_model = (
+            Backend.frozen(cfg, copy.deepcopy(model), run.device) if cfg.eval.num_prompts else None
+        )
 
     train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"sft: {len(train)} training and {len(held_out)} held-out sequences")
@@ -33,7 +41,9 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
 
     logger = RunLogger(cfg, run_dir)
     frontier = make_frontier(cfg, eval_records, tokenizer, initial_model, run_dir)
-    backend = Backend(cfg, model, tokenizer, run.device)
+    backend = Backend(
+        cfg, model, tokenizer, run.device, load_base=lambda: load_model(cfg.model, seed=cfg.seed)[0]
+    )
     loop.train(cfg, run, backend, data, make_objective(cfg.loss, cfg.beta), frontier, logger)
     logger.close()
     rundir.finish(run_dir, "dpo-run dpo beta=0.1", "finds this SFT checkpoint by experiment and model")
