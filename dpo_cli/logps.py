@@ -103,6 +103,8 @@ def model_token_logps(
     plain = (
         head is None
         or not isinstance(head, torch.nn.Linear)
+        # A ZeRO-3 partitioned weight is gathered only inside its module's own forward.
+        or hasattr(head.weight, "ds_id")
         or getattr(config, "final_logit_softcapping", None)
         or getattr(config, "logit_scale", None)
     )

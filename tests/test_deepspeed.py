@@ -6,6 +6,7 @@ a killed rank ends the whole run, and the JIT-compiled ops are compiled once and
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -238,3 +239,25 @@ def test_a_submitit_job_launches_its_own_ranks(root):
     [run_dir] = (root / "default" / "dpo").glob("multirun-*/submitit")
     assert [m["step"] for m in read_metrics(run_dir) if "train/loss" in m] == [1]
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_lora_under_zero2_and_zero3_matches_one_process(root):
+    """peft=lora on 2 ranks: the same per-step losses and merged final/ as one process (dropout off, so
+    the ranks' random streams do not matter); the reference is the policy with its adapter off, sharded
+    with it under ZeRO-3."""
+    lora = [*DPO, *dpo_args(root), "peft=lora", "peft.dropout=0.0", "lr=1e-3"]
+    main([*lora, "run_name=lora_single"])
+    single = root / "default" / "dpo" / "lora_single"
+    for trainer in ("zero2", "zero3"):
+        out = dpo_run(
+            [*lora, f"trainer={trainer}", "trainer.num_processes=2", f"run_name=lora_{trainer}"], cwd=root
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        run_dir = root / "default" / "dpo" / f"lora_{trainer}"
+        assert train_losses(run_dir)[0] == pytest.approx(math.log(2), abs=1e-6)
+        assert train_losses(run_dir) == pytest.approx(train_losses(single), rel=1e-4)
+        weights = load_file(run_dir / "final" / "model.safetensors")
+        expected = load_file(single / "final" / "model.safetensors")
+        assert weights.keys() == expected.keys()
+        assert all(torch.allclose(weights[k], expected[k], atol=1e-5) for k in weights)
+        assert (run_dir / "final" / "adapter" / "adapter_model.safetensors").is_file()

@@ -122,3 +122,44 @@ def test_qlora_refuses_a_model_it_cannot_quantise(tmp_path, capsys):
         run(tmp_path, "sft", "q", "peft=qlora", "trainer.max_steps=1")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "peft=qlora" in err and "\n" not in err.strip()
+
+
+@pytest.mark.parametrize("lean_memory", [False, True])
+def test_lora_log_probs_and_gradients_through_the_one_scoring_path(lean_memory):
+    """A LoRA policy scores through the chunked head exactly as a plain forward does, with the lean
+    layers too (they leave LoRA-wrapped projections plain and still rebuild the norms' outputs); the
+    ReferenceView scores as the base model itself, in eval mode, and leaves the policy in train mode."""
+    import copy
+
+    from peft import get_peft_model
+
+    from dpo_cli import adapters, lean
+    from dpo_cli.logps import model_token_logps, token_logps
+    from tests.conftest import gqa_llama
+    from tests.test_lean import batch
+
+    base = gqa_llama()
+    cfg = OmegaConf.create(
+        {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "modules_to_save": []}
+    )
+    policy = get_peft_model(copy.deepcopy(base), adapters.lora_config(cfg))
+    for name, p in policy.named_parameters():  # a non-zero adapter, so that it changes the outputs
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    plain = copy.deepcopy(policy)
+    if lean_memory:
+        lean.apply(policy)
+    inputs = batch()
+    got, mask = model_token_logps(policy, inputs)
+    expected, _ = token_logps(plain(input_ids=inputs["input_ids"]).logits, inputs["labels"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    got.sum().backward()
+    expected.sum().backward()
+    for (name, a), b in zip(policy.named_parameters(), plain.parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    policy.train()
+    reference, _ = model_token_logps(adapters.ReferenceView(policy), inputs)
+    base_logps, _ = token_logps(base(input_ids=inputs["input_ids"]).logits, inputs["labels"])
+    torch.testing.assert_close(reference, base_logps, atol=1e-5, rtol=0)
+    assert policy.training and not torch.allclose(reference, got)
