@@ -35,6 +35,7 @@ side's own CPU time). Above 0.25 its timings are not trustworthy: run on an idle
 Run from the repo root (trl: `.venv/bin/pip install -c scripts/constraints.txt -e '.[bench]'`):
     .venv/bin/python scripts/bench_vs_trl.py --model tiny
     .venv/bin/python scripts/bench_vs_trl.py --model smollm2_135m --workload both --threads 2
+    .venv/bin/python scripts/bench_vs_trl.py --model smollm2_135m --peft lora   # LoRA on both sides
 """
 
 from __future__ import annotations
@@ -220,6 +221,18 @@ def trl_side(a: argparse.Namespace, work: Path) -> None:
     policy = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     print("BENCH loaded", flush=True)
     ref = None if a.precompute else AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    peft_config = None
+    if a.peft == "lora":  # TRL's reference is then the policy with its adapter disabled, as ours
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=a.lora_r,
+            lora_alpha=a.lora_alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        ref = None
 
     def count(module, args, kwargs) -> None:  # sequences through either model's backbone
         record["sequences"] += (kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape[0]
@@ -254,7 +267,13 @@ def trl_side(a: argparse.Namespace, work: Path) -> None:
     config |= dict(logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
     config, dataset = DPOConfig(**config), Dataset.from_list(rows)
     trainer = Trainer(
-        policy, ref, config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()]
+        policy,
+        ref,
+        config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+        peft_config=peft_config,
     )
     record["precompute_sequences"] = record["sequences"]  # __init__ ran the precompute pass, if any
     trainer.train()
@@ -284,10 +303,11 @@ def ours(a: argparse.Namespace, work: Path, name: str, extra: str, tag: str = ""
 
 def trl(a: argparse.Namespace, work: Path, name: str, precompute: bool) -> tuple[dict, dict]:
     args = (
-        f"--stage trl --workdir {work} --workload {name} --model {a.model} --threads {a.threads} --lr {a.lr}"
+        f"--stage trl --workdir {work} --workload {name} --model {a.model} --threads {a.threads} --lr {a.lr} "
+        f"--peft {a.peft} --lora-r {a.lora_r} --lora-alpha {a.lora_alpha}"
     )
     cmd = [sys.executable, __file__, *args.split(), *(["--precompute"] if precompute else [])]
-    run = run_child(cmd, work / f"trl_{name}.log", a.threads)
+    run = run_child(cmd, work / f"trl_{name}_{a.peft}.log", a.threads)
     return run, json.loads((work / f"trl_{name}.json").read_text())
 
 
@@ -371,6 +391,34 @@ def epoch(a: argparse.Namespace, work: Path, prep_out: dict) -> tuple[float, flo
     return trl_run["window"] / our_run["window"], our_run["rss_mib"] / trl_run["rss_mib"]
 
 
+def lora_epoch(a: argparse.Namespace, work: Path, prep_out: dict) -> tuple[float, float]:
+    """The epoch workload with a LoRA adapter on both sides (same r, alpha, dropout 0, every linear layer
+    but the LM head), each side's reference the policy with its adapter off; and ours fully fine-tuned."""
+    extra = f"data=sentiment data.path={work / 'sentiment.jsonl'} data.min_reward_gap=0 "
+    extra += "trainer.max_steps=null trainer.num_epochs=1 trainer.batch_by_prompt=true"
+    extra += f" ref.cache_dir={work / 'ref_cache'}"
+    lora = f" peft=lora peft.r={a.lora_r} peft.alpha={a.lora_alpha} peft.dropout=0.0"
+    our_lora, lora_rows = ours(a, work, "epoch", extra + lora, tag="_lora")
+    our_full, full_rows = ours(a, work, "epoch", extra, tag="_full")
+    trl_run, record = trl(a, work, "epoch", precompute=True)
+    n = a.epoch_pairs
+    print(f"lora_epoch pairs={n} steps={n // BATCH['epoch']} r={a.lora_r} alpha={a.lora_alpha}")
+    sides = {
+        "ours": (our_lora, lora_rows[-1]["train/loss"]),
+        "trl": (trl_run, record["losses"][-1]),
+        "ours_full_finetuning": (our_full, full_rows[-1]["train/loss"]),
+    }
+    for side, (run, loss) in sides.items():
+        seconds = run["window"] / (n // BATCH["epoch"])
+        show("lora_epoch", side, run, train_seconds=f"{run['window']:.2f}", s_per_step=f"{seconds:.3f}")
+        print(f"lora_epoch {side} final_loss={loss:.6f}")
+    print(
+        f"lora_vs_full ours_lora_over_full_peak_rss={our_lora['rss_mib'] / our_full['rss_mib']:.3f} "
+        f"ours_lora_over_full_train_seconds={our_lora['window'] / our_full['window']:.3f}"
+    )
+    return trl_run["window"] / our_lora["window"], our_lora["rss_mib"] / trl_run["rss_mib"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(DEFAULTS), required=True)
@@ -389,6 +437,14 @@ def main() -> None:
         help="identical: our pairs per forward pass, with gradient accumulation to the same 8-pair step "
         "(default 8: no accumulation; smaller trades speed for memory)",
     )
+    p.add_argument(
+        "--peft",
+        choices=("none", "lora"),
+        default="none",
+        help="lora: the epoch workload with LoRA on both sides",
+    )
+    p.add_argument("--lora-r", type=int, default=16, help="--peft lora: rank (default 16)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="--peft lora: alpha (default 32)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, run dirs), print its path")
     p.add_argument("--stage", choices=("prep", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -414,6 +470,10 @@ def main() -> None:
             f"setup model={a.model} params={prep_out['params']} threads={a.threads} lr={a.lr} batch={BATCH}"
         )
         print(f"setup matmul_peak_gflops={prep_out['peak_flops'] / 1e9:.1f}")
+        if a.peft == "lora":
+            speedup, memory = lora_epoch(a, work, prep_out)
+            print(f"lora_epoch_speedup={speedup:.3f} lora_epoch_memory_ratio={memory:.3f}")
+            return
         for name, workload in (("identical", identical), ("epoch", epoch)):
             if a.workload in (name, "both"):
                 result[name] = [f"{x:.3f}" for x in workload(a, work, prep_out)]
