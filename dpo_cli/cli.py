@@ -147,22 +147,26 @@ def preflight(overrides: list[str]) -> None:
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> None:
-    """Validate `cfg` and run its stage in `run_dir` (the programmatic entry point, used by tests)."""
+    """Validate `cfg` and run its stage in `run_dir` (the programmatic entry point, used by tests), holding
+    the run dir for the run's life (`rundir.claimed`: a lock; `overwrite=true` keeps the earlier run aside
+    until this one finishes)."""
     validate(cfg, distributed.expected_world_size(cfg))
+    from dpo_cli.engine import rundir  # torch: imported only when it is needed
+
     module = importlib.import_module(STAGES[cfg.stage][0])
-    module.run(cfg, Path(run_dir))
+    with rundir.claimed(cfg, run_dir):
+        module.run(cfg, Path(run_dir))
 
 
 def launch_ranks(cfg: DictConfig, run_dir: Path) -> None:
     """DeepSpeed without a launcher: start this job's `trainer.num_processes` ranks, each running this stage
     with the same overrides in `run_dir` (dpo_cli/distributed.py), once the run dir is known to be usable."""
     validate(cfg, distributed.expected_world_size(cfg))
-    from dpo_cli.engine.rundir import check_run_dir  # torch: imported only when it is needed
+    from dpo_cli.engine import rundir  # torch: imported only when it is needed
 
-    if distributed.first_node():
-        check_run_dir(cfg, run_dir)
     overrides = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0] != "stage"]
-    distributed.launch(cfg.stage, overrides, run_dir, cfg.trainer.num_processes)
+    with rundir.claimed(cfg, run_dir):  # this process holds the run dir for its ranks (first node only)
+        distributed.launch(cfg.stage, overrides, run_dir, cfg.trainer.num_processes)
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
