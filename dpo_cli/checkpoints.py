@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -88,16 +89,31 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return _commit(tmp, path)
 
 
-def torch_save_atomically(obj: Any, path: Path) -> Path:
-    """torch.save into `.tmp-<name>` beside `path`, fsync, then rename: readers see all of it or nothing
-    (a full disk stops the run as in `write_atomically`)."""
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write; once the block ends, it is fsynced and renamed to `path`
+    (readers see all of it or nothing), or removed if the block fails. Its name is unique (mkstemp), so it
+    never clobbers a file of the user's nor another process writing the same `path`; a full disk stops
+    the run as in `write_atomically`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with _stop_if_disk_full(path, tmp):
-        torch.save(obj, tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with _stop_if_disk_full(path, tmp):
+            yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync(path.parent)
+
+
+def torch_save_atomically(obj: Any, path: Path) -> Path:
+    """torch.save to `path` through `replaced_atomically`."""
+    with replaced_atomically(path) as tmp:
+        torch.save(obj, tmp)
     return path
 
 
