@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import re
@@ -24,7 +25,7 @@ import transformers.modeling_utils
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_cli import distributed
-from dpo_cli.errors import RunStopped
+from dpo_cli.errors import ConfigError, RunStopped
 
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -189,6 +190,33 @@ def load_deepspeed_resumable(ds_engine: Any, path: Path) -> None:
     """Model shards, optimizer and scheduler state of a `save_deepspeed_resumable` dir; this rank's RNG."""
     ds_engine.load_checkpoint(str(path.parent), tag=path.name)
     restore_rng(torch.load(path / f"rng-rank{distributed.rank()}.pt", weights_only=False))
+
+
+def check_weights(path: Path, key: str) -> Path:
+    """`path` (given as `key=`) when its weights are whole: a model dir (config.json) must hold weights,
+    and each safetensors file as many bytes as its header says. Checked before loading, so that a missing
+    or cut-short file is named in one line instead of a loader's traceback (or a hint about the hub)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return path  # not a model dir at all: load_model says so
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("pytorch_model*.bin")):
+        raise ConfigError(f"{key}={path}: config.json but no weights (model.safetensors) in it")
+    for file in weights:
+        size = file.stat().st_size
+        try:
+            with file.open("rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_size)) if 8 + header_size <= size else {}
+            data_size = max(t["data_offsets"][1] for name, t in header.items() if name != "__metadata__")
+        except (ValueError, KeyError, TypeError, IndexError):  # no header, not JSON, no tensors
+            data_size = None
+        if data_size is None or 8 + header_size + data_size != size:
+            raise ConfigError(
+                f"{key}={path}: {file.name} is truncated or damaged ({size} bytes); write it again (rerun "
+                "the stage that made it) or point at another checkpoint"
+            )
+    return path
 
 
 def resumable_checkpoints(run_dir: Path) -> list[Path]:

@@ -112,6 +112,21 @@ def _one_line(err: Exception) -> str:
     return text
 
 
+def _unparsable(parser: OverridesParser, overrides: list[str]) -> str | None:
+    """The first override Hydra's grammar rejects, and how to quote it (its lexer's own error names no
+    remedy: unquoted values may hold only letters, digits and a few symbols, in ASCII)."""
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception:
+            key, _, value = override.partition("=")
+            return (
+                f"cannot parse the override {override!r}: quote a value holding spaces, non-ASCII letters or "
+                f"symbols, as {key}='{value}' (in the shell: \"{key}='{value}'\")"
+            )
+    return None
+
+
 def _overrides(args: list[str]) -> list[str]:
     """The key=value overrides among `args` (flags and their values left out)."""
     overrides, skip_next = [], False
@@ -124,10 +139,11 @@ def _overrides(args: list[str]) -> list[str]:
 
 def preflight(overrides: list[str]) -> None:
     """Compose every job's config (each combination of sweep values) and validate it; fail in one line."""
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra")])
+        parsed = parser.parse_overrides([o for o in overrides if not o.startswith("hydra")])
     except Exception as err:
-        _fail(_one_line(err))
+        _fail(_unparsable(parser, overrides) or _one_line(err))
     per_key = [
         [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
         if o.is_sweep_override()

@@ -220,6 +220,23 @@ def test_a_second_process_in_a_run_dir_refuses(root, capsys, guarded):
     main(["dpo", *dpo_args(root), "trainer.max_steps=1", "run_name=locked"])  # once it is free
 
 
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+         ["model.safetensors is truncated or damaged"]),
+        (lambda d: (d / "model.safetensors").unlink(), ["config.json but no weights (model.safetensors)"]),
+    ],
+)  # fmt: skip
+def test_a_damaged_sft_checkpoint_is_named_in_one_line(root, tmp_path, capsys, guarded, damage, words):
+    """Issue 22 (14, 15): a truncated model.safetensors was a loader traceback; a dir without weights was
+    blamed on the hub being unreachable."""
+    copy = shutil.copytree(root / "default" / "sft" / "full" / "final", tmp_path / "final")
+    damage(copy)
+    fails(["dpo", *TINY, f"output_root={root}", f"sft_checkpoint={copy}", "run_name=damaged"], capsys,
+          f"sft_checkpoint={copy}", *words)  # fmt: skip
+
+
 def test_resume_of_a_finished_run_refuses(root, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["dpo", *dpo_args(root), "trainer.max_steps=30", "run_name=full", "resume=true"])

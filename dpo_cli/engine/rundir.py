@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import distributed
-from dpo_cli.checkpoints import TRAINER_STATE, latest_resumable
+from dpo_cli.checkpoints import TRAINER_STATE, check_weights, latest_resumable
 from dpo_cli.errors import ConfigError, RunStopped
 from dpo_cli.models import resolve_device
 
@@ -263,7 +263,7 @@ def find_sft_checkpoint(cfg: DictConfig) -> Path:
     """`sft_checkpoint=`, else the newest SFT `final/` of this experiment trained from the same model
     preset: the policy init and reference of the preference stages, the reference of `eval`."""
     if cfg.sft_checkpoint:
-        return Path(cfg.sft_checkpoint)
+        return check_weights(Path(cfg.sft_checkpoint), "sft_checkpoint")
     sft_root = Path(cfg.output_root) / cfg.exp_name / "sft"
     candidates = [
         final
@@ -278,7 +278,7 @@ def find_sft_checkpoint(cfg: DictConfig) -> Path:
             f"{'' if cfg.exp_name == 'default' else ' exp_name=' + cfg.exp_name} model={cfg.model.name}` "
             "first, or set sft_checkpoint=/path/to/checkpoint"
         )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    return check_weights(max(candidates, key=lambda p: p.stat().st_mtime), "sft_checkpoint")
 
 
 def finish(run_dir: Path, next_command: str, why: str, *, carry_overrides: bool = True) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_cli.checkpoints import check_weights
 from dpo_cli.data import json_lines, load_splits, record_kind
 from dpo_cli.engine import rundir
 from dpo_cli.errors import ConfigError
@@ -269,7 +270,11 @@ def _describe(row: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else rundir.find_sft_checkpoint(cfg)
+    checkpoint = (
+        check_weights(Path(cfg.checkpoint), "checkpoint")
+        if cfg.checkpoint
+        else rundir.find_sft_checkpoint(cfg)
+    )
     # Data and judge problems show before any model is loaded.
     prompts, baselines, baseline_name = load_baselines(cfg)
     device = rundir.prepare(cfg, run_dir).device
