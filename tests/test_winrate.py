@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from dpo_cli.cli import main
 from dpo_cli.config import ModelConfig
+from dpo_cli.errors import ConfigError
 from dpo_cli.models import load_model
 from dpo_cli.sampling import sample
 from dpo_cli.stages.winrate import (
@@ -198,3 +199,12 @@ def test_a_failed_winrate_overwrite_leaves_the_earlier_run_whole(tldr_sft_run, c
     after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.suffix != ".log"}
     assert after == before | {".lock": b""}
     assert not list(run_dir.glob(".previous-*"))
+
+
+def test_a_bad_temperature_in_a_samples_file_is_one_line(tmp_path):
+    """Issue 22 (14): a `temperature` that is not a number was a float() traceback."""
+    path = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "p", "completion": "c", "temperature": "hot"}])
+    with pytest.raises(
+        ConfigError, match=f"{path} line 1: field 'temperature' must be a number >= 0, got 'hot'"
+    ):
+        samples_file_baselines(path, 4)

@@ -33,11 +33,12 @@ EVAL_SPLITS = ("test", "eval", "validation", "heldout")
 Example = tuple[str, list[str]] | tuple[str, list[str], bool]
 
 
-def json_lines(path: str | Path, name: str) -> Iterator[tuple[str, str]]:
-    """("<path> line N", text) of every non-blank line of a JSON-lines file, `.gz` ones decompressed and a
-    UTF-8 byte-order mark skipped. Every file the user names is read through here, so that a file that
-    cannot be read (missing, a directory, no permission, a symlink loop, bad gzip) or bytes that are not
-    UTF-8 are one ConfigError naming `name` (how the user gave the file) or the line."""
+def json_rows(path: str | Path, name: str) -> Iterator[tuple[str, object]]:
+    """("<path> line N", value) of every non-blank line of a JSON-lines file, `.gz` ones decompressed and
+    a UTF-8 byte-order mark skipped. Every JSON-lines file the user names is read through here, so that a
+    file that cannot be read (missing, a directory, no permission, a symlink loop, bad gzip), bytes that
+    are not UTF-8 or a line that is not JSON are one ConfigError naming `name` (how the user gave the
+    file) or the line."""
     path = Path(path)
     number = 0
     try:
@@ -50,8 +51,13 @@ def json_lines(path: str | Path, name: str) -> Iterator[tuple[str, str]]:
                         f"{path} line {number}: not UTF-8 text ({err.reason} at byte {err.start}); save the "
                         "file as UTF-8"
                     ) from None
-                if line.strip():
-                    yield f"{path} line {number}", line
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+                yield f"{path} line {number}", value
     except FileNotFoundError:
         raise ConfigError(f"{name} does not exist") from None
     except (OSError, EOFError) as err:
@@ -64,11 +70,7 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) of a records file: JSON lines (optionally gzipped), or a parquet file's rows (the
     format the hub's datasets come in)."""
     if path.suffix != ".parquet":
-        for where, line in json_lines(path, f"data file {path}"):
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
+        yield from json_rows(path, f"data file {path}")
         return
     import pyarrow.parquet
 

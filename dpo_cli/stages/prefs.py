@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from dpo_cli.checkpoints import replaced_atomically
-from dpo_cli.data import SHIPPED_OPENINGS, json_lines
+from dpo_cli.data import SHIPPED_OPENINGS, json_rows
 from dpo_cli.errors import ConfigError
 from dpo_cli.models import load_model, resolve_device
 from dpo_cli.rewards import make_reward_fn
@@ -74,11 +74,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
 
 def read_jsonl_prompts(path: Path) -> list[dict]:
     rows = []
-    for where, line in json_lines(path, f"prefs.prompts_path={path}"):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
+    for where, row in json_rows(path, f"prefs.prompts_path={path}"):
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
             raise ConfigError(f"{where}: field 'prompt' must be a string")
         rows.append(row)

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli.checkpoints import check_weights
-from dpo_cli.data import json_lines, load_splits, record_kind
+from dpo_cli.data import json_rows, load_splits, record_kind
 from dpo_cli.engine import rundir
 from dpo_cli.errors import ConfigError
 from dpo_cli.judge import Comparison, make_judge, summarize
@@ -83,11 +83,7 @@ def samples_file_baselines(path: Path, num_prompts: int) -> tuple[list[str], Bas
     temperature) and their completions: at the same temperature when the file has it, else the first."""
     baselines: Baselines = {}
     name = f"baseline={path} (use baseline=dataset or a samples.jsonl file)"
-    for where, line in json_lines(path, name):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"baseline={where}: not valid JSON ({err.msg})") from None
+    for where, row in json_rows(path, name):
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
             raise ConfigError(f"baseline={where}: field 'prompt' must be a string")
         if not isinstance(row.get("completion"), str):
