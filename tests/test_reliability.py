@@ -177,11 +177,12 @@ def test_resume_refuses_a_changed_config_naming_the_keys(root, capsys):
     config = (run_dir / "config.yaml").read_bytes()
     capsys.readouterr()
     fails([*argv, "resume=true", "beta=0.2", "data.eval_fraction=0.2"], capsys,
-          "beta=0.1 (now 0.2)", "data.eval_fraction=0.1 (now 0.2)", "only trainer.max_steps")  # fmt: skip
+          "beta=0.1 (now 0.2)", "data.eval_fraction=0.1 (now 0.2)", "only run_name, trainer.max_steps")  # fmt: skip
     assert (run_dir / "config.yaml").read_bytes() == config
-    # How long the run goes is not what it trains: allowed.
-    main([*argv[:-2], "trainer.max_steps=6", f"run_name={run_dir.name}", "resume=true"])
-    assert max(m["step"] for m in read_metrics(run_dir)) == 6 and (run_dir / "final").is_dir()
+    # How long the run goes is not what it trains, nor the name of its (copied) run dir: allowed.
+    copy = shutil.copytree(run_dir, run_dir.with_name("changed_copy"))
+    main([*argv[:-2], "trainer.max_steps=6", "run_name=changed_copy", "resume=true"])
+    assert max(m["step"] for m in read_metrics(copy)) == 6 and (copy / "final").is_dir()
 
 
 def test_resume_drops_a_half_written_log_line_and_without_a_checkpoint_starts_clean(root):

@@ -36,8 +36,10 @@ ASIDE_PREFIX = ".previous-"
 # Set while a process holds a run dir, so that the ranks it launches (which inherit it) do not claim it too.
 _HELD_ENV = "DPO_CLI_RUN_DIR_HELD"
 # What `resume=true` may change: how long and how often, not what is trained (config.yaml must agree on
-# everything else). A key ending in "." covers its whole group.
+# everything else), and where the run lives (a run dir copied or moved under another name). A key ending
+# in "." covers its whole group.
 RESUME_MAY_CHANGE = (
+    "run_name",
     "trainer.max_steps",
     "trainer.num_epochs",
     "trainer.eval_every_steps",
