@@ -177,7 +177,8 @@ def test_resume_refuses_a_changed_config_naming_the_keys(root, capsys):
     config = (run_dir / "config.yaml").read_bytes()
     capsys.readouterr()
     fails([*argv, "resume=true", "beta=0.2", "data.eval_fraction=0.2"], capsys,
-          "beta=0.1 (now 0.2)", "data.eval_fraction=0.1 (now 0.2)", "only run_name, trainer.max_steps")  # fmt: skip
+          "beta=0.1 (now 0.2)", "data.eval_fraction=0.1 (now 0.2)",
+          "only run_name, trainer.max_steps")  # fmt: skip
     assert (run_dir / "config.yaml").read_bytes() == config
     # How long the run goes is not what it trains, nor the name of its (copied) run dir: allowed.
     copy = shutil.copytree(run_dir, run_dir.with_name("changed_copy"))
