@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import transformers.modeling_utils
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_cli import adapters, distributed
-from dpo_cli.errors import RunStopped
+from dpo_cli.errors import ConfigError, RunStopped
 
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -88,16 +90,31 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return _commit(tmp, path)
 
 
-def torch_save_atomically(obj: Any, path: Path) -> Path:
-    """torch.save into `.tmp-<name>` beside `path`, fsync, then rename: readers see all of it or nothing
-    (a full disk stops the run as in `write_atomically`)."""
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write; once the block ends, it is fsynced and renamed to `path`
+    (readers see all of it or nothing), or removed if the block fails. Its name is unique (mkstemp), so it
+    never clobbers a file of the user's nor another process writing the same `path`; a full disk stops
+    the run as in `write_atomically`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with _stop_if_disk_full(path, tmp):
-        torch.save(obj, tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with _stop_if_disk_full(path, tmp):
+            yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync(path.parent)
+
+
+def torch_save_atomically(obj: Any, path: Path) -> Path:
+    """torch.save to `path` through `replaced_atomically`."""
+    with replaced_atomically(path) as tmp:
+        torch.save(obj, tmp)
     return path
 
 
@@ -191,6 +208,33 @@ def load_deepspeed_resumable(ds_engine: Any, path: Path) -> None:
         str(path.parent), tag=path.name, load_module_strict=not adapters.is_adapted(ds_engine)
     )
     restore_rng(torch.load(path / f"rng-rank{distributed.rank()}.pt", weights_only=False))
+
+
+def check_weights(path: Path, key: str) -> Path:
+    """`path` (given as `key=`) when its weights are whole: a model dir (config.json) must hold weights,
+    and each safetensors file as many bytes as its header says. Checked before loading, so that a missing
+    or cut-short file is named in one line instead of a loader's traceback (or a hint about the hub)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return path  # not a model dir at all: load_model says so
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("pytorch_model*.bin")):
+        raise ConfigError(f"{key}={path}: config.json but no weights (model.safetensors) in it")
+    for file in weights:
+        size = file.stat().st_size
+        try:
+            with file.open("rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_size)) if 8 + header_size <= size else {}
+            data_size = max(t["data_offsets"][1] for name, t in header.items() if name != "__metadata__")
+        except (ValueError, KeyError, TypeError, IndexError):  # no header, not JSON, no tensors
+            data_size = None
+        if data_size is None or 8 + header_size + data_size != size:
+            raise ConfigError(
+                f"{key}={path}: {file.name} is truncated or damaged ({size} bytes); write it again (rerun "
+                "the stage that made it) or point at another checkpoint"
+            )
+    return path
 
 
 def resumable_checkpoints(run_dir: Path) -> list[Path]:

@@ -112,6 +112,21 @@ def _one_line(err: Exception) -> str:
     return text
 
 
+def _unparsable(parser: OverridesParser, overrides: list[str]) -> str | None:
+    """The first override Hydra's grammar rejects, and how to quote it (its lexer's own error names no
+    remedy: unquoted values may hold only letters, digits and a few symbols, in ASCII)."""
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception:
+            key, _, value = override.partition("=")
+            return (
+                f"cannot parse the override {override!r}: quote a value holding spaces, non-ASCII letters or "
+                f"symbols, as {key}='{value}' (in the shell: \"{key}='{value}'\")"
+            )
+    return None
+
+
 def _overrides(args: list[str]) -> list[str]:
     """The key=value overrides among `args` (flags and their values left out)."""
     overrides, skip_next = [], False
@@ -124,10 +139,11 @@ def _overrides(args: list[str]) -> list[str]:
 
 def preflight(overrides: list[str]) -> None:
     """Compose every job's config (each combination of sweep values) and validate it; fail in one line."""
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra")])
+        parsed = parser.parse_overrides([o for o in overrides if not o.startswith("hydra")])
     except Exception as err:
-        _fail(_one_line(err))
+        _fail(_unparsable(parser, overrides) or _one_line(err))
     per_key = [
         [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
         if o.is_sweep_override()
@@ -147,22 +163,26 @@ def preflight(overrides: list[str]) -> None:
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> None:
-    """Validate `cfg` and run its stage in `run_dir` (the programmatic entry point, used by tests)."""
+    """Validate `cfg` and run its stage in `run_dir` (the programmatic entry point, used by tests), holding
+    the run dir for the run's life (`rundir.claimed`: a lock; `overwrite=true` keeps the earlier run aside
+    until this one finishes)."""
     validate(cfg, distributed.expected_world_size(cfg))
+    from dpo_cli.engine import rundir  # torch: imported only when it is needed
+
     module = importlib.import_module(STAGES[cfg.stage][0])
-    module.run(cfg, Path(run_dir))
+    with rundir.claimed(cfg, run_dir):
+        module.run(cfg, Path(run_dir))
 
 
 def launch_ranks(cfg: DictConfig, run_dir: Path) -> None:
     """DeepSpeed without a launcher: start this job's `trainer.num_processes` ranks, each running this stage
     with the same overrides in `run_dir` (dpo_cli/distributed.py), once the run dir is known to be usable."""
     validate(cfg, distributed.expected_world_size(cfg))
-    from dpo_cli.engine.rundir import check_run_dir  # torch: imported only when it is needed
+    from dpo_cli.engine import rundir  # torch: imported only when it is needed
 
-    if distributed.first_node():
-        check_run_dir(cfg, run_dir)
     overrides = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0] != "stage"]
-    distributed.launch(cfg.stage, overrides, run_dir, cfg.trainer.num_processes)
+    with rundir.claimed(cfg, run_dir):  # this process holds the run dir for its ranks (first node only)
+        distributed.launch(cfg.stage, overrides, run_dir, cfg.trainer.num_processes)
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")

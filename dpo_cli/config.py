@@ -10,6 +10,8 @@ them and the rules across groups into one error. OmegaConf does not run `__post_
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,15 @@ from dpo_cli.choices import (
     PeftName,
     Stage,
 )
-from dpo_cli.config_stages import EvalConfig, JudgeConfig, PrefsConfig, RewardConfig, WinrateConfig
+from dpo_cli.config_stages import (
+    EvalConfig,
+    JudgeConfig,
+    PrefsConfig,
+    RewardConfig,
+    WinrateConfig,
+    at_least,
+    positive,
+)
 from dpo_cli.errors import ConfigError
 
 
@@ -52,6 +62,10 @@ class ModelConfig:
     """Width of the random-init `tiny` Llama (tests only)."""
     tiny_num_layers: int = 2
     """Depth of the random-init `tiny` Llama (tests only)."""
+
+    @staticmethod
+    def problems(m: DictConfig) -> list[str]:
+        return at_least("model.", m, 1, "tiny_hidden_size", "tiny_num_layers")
 
 
 @dataclass
@@ -108,9 +122,7 @@ class DataConfig:
             )
         if not 0 < d.eval_fraction < 1:
             p.append(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
-        if d.min_reward_gap < 0:
-            p.append(f"data.min_reward_gap={d.min_reward_gap}: must be >= 0")
-        return p
+        return p + at_least("data.", d, 0, "min_reward_gap") + at_least("data.", d, 1, "max_eval_examples")
 
 
 @dataclass
@@ -150,11 +162,8 @@ class LossConfig:
             p.append(
                 f"loss.label_smoothing={c.label_smoothing}: must be in {'[0' if low == 0 else '(0'}, 0.5)"
             )
-        for key in ("simpo_gamma", "dpop_lambda", "sft_weight", "desirable_weight", "undesirable_weight"):
-            if c[key] < 0:
-                p.append(f"loss.{key}={c[key]}: must be >= 0")
-        if not c.discopop_tau > 0:
-            p.append(f"loss.discopop_tau={c.discopop_tau}: must be > 0")
+        p += at_least("loss.", c, 0, "simpo_gamma", "dpop_lambda", "sft_weight", "desirable_weight")
+        p += at_least("loss.", c, 0, "undesirable_weight") + positive("loss.", c, "discopop_tau")
         # A hyperparameter the loss does not take must stay at its default: set, it would be ignored.
         defaults = LossConfig()
         for key in (f for f in c if f != "name" and c[f] != getattr(defaults, f)):
@@ -273,11 +282,15 @@ class TrainerConfig:
     @staticmethod
     def problems(t: DictConfig, world_size: int = 1) -> list[str]:
         """`world_size`: the ranks a DeepSpeed run will have; the global batch must split over them."""
-        p = []
-        if t.lr_warmup_steps < 0:
-            p.append(f"trainer.lr_warmup_steps={t.lr_warmup_steps}: must be >= 0")
-        if t.microbatch_size_examples < 1:
-            p.append("trainer.microbatch_size_examples: must be >= 1")
+        p = at_least("trainer.", t, 0, "lr_warmup_steps", "weight_decay")
+        p += at_least("trainer.", t, 1, "num_epochs", "save_every_steps", "num_threads")
+        if t.max_grad_norm is not None and not (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0):
+            # A negative clip reverses every gradient, and 0 would read as "off": null is the one "off".
+            p.append(
+                f"trainer.max_grad_norm={t.max_grad_norm}: must be a finite number > 0, or null for no "
+                "clipping (0 does not turn clipping off)"
+            )
+        p += at_least("trainer.", t, 1, "microbatch_size_examples")
         if t.batch_size_examples < 1 or t.batch_size_examples % max(t.microbatch_size_examples, 1):
             p.append(
                 f"trainer.batch_size_examples={t.batch_size_examples}: must be a positive multiple of "
@@ -339,6 +352,10 @@ class LoggerConfig:
     """auto (online with an API key, else offline with a note) | online | offline | disabled."""
     log_every_steps: int = 1
     """Train metrics are logged every this many optimizer steps."""
+
+    @staticmethod
+    def problems(g: DictConfig) -> list[str]:
+        return at_least("logger.", g, 1, "log_every_steps")
 
 
 @dataclass
@@ -409,19 +426,19 @@ class Config:
     @staticmethod
     def problems(c: DictConfig) -> list[str]:
         """The top-level keys (`temperatures`, `baseline`, `method` and `n` are `dpo-run winrate`'s)."""
-        p = []
-        if c.beta <= 0:
-            p.append(f"beta={c.beta}: must be > 0 (smaller beta lets the policy move further)")
-        if c.lr <= 0:
-            p.append(f"lr={c.lr}: must be > 0")
+        p = at_least("", c, 0, "seed") + positive("", c, "beta", "lr") + at_least("", c, 1, "n")
+        if c.seed >= 2**32:  # numpy's seed range
+            p.append(f"seed={c.seed}: must be < 2**32")
+        for key in ("exp_name", "run_name"):  # the default run_name (an interpolation) is safe by design
+            if not OmegaConf.is_interpolation(c, key) and not _plain_name(c[key]):
+                p.append(f"{key}={c[key]}: must be a plain directory name (no /, not . or ..)")
+        p += _output_root_problems(c.output_root)
         if c.resume and c.overwrite:
             p.append("resume=true and overwrite=true contradict each other; pick one")
         if not c.temperatures:
             p.append("temperatures=[]: give at least one, e.g. temperatures=[0.0,1.0]")
-        if any(t < 0 for t in c.temperatures):
-            p.append(f"temperatures={c.temperatures}: each must be >= 0")
-        if c.n < 1:
-            p.append(f"n={c.n}: must be >= 1")
+        if not all(math.isfinite(t) and t >= 0 for t in c.temperatures):
+            p.append(f"temperatures={c.temperatures}: each must be a finite number >= 0")
         if not c.baseline:
             p.append("baseline=: choose dataset or the PATH of a samples file")
         if c.stage == Stage.winrate and c.method == Method.best_of_n and any(t <= 0 for t in c.temperatures):
@@ -430,6 +447,21 @@ class Config:
                 "identical samples; use temperatures > 0"
             )
         return p
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def _output_root_problems(output_root: str) -> list[str]:
+    """Run dirs are made below `output_root`: it must be a directory, or creatable, and writable."""
+    root = Path(output_root)
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        return [f"output_root={output_root}: {existing} is a file, not a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"output_root={output_root}: {existing} is not writable"]
+    return []
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
@@ -460,10 +492,12 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     world = (t.num_processes if world_size is None else world_size) if t.engine == Engine.deepspeed else 1
     p = [
         *Config.problems(cfg),
+        *ModelConfig.problems(cfg.model),
         *DataConfig.problems(cfg.data),
         *LossConfig.problems(cfg.loss),
         *PeftConfig.problems(cfg.peft),
         *TrainerConfig.problems(t, world),
+        *LoggerConfig.problems(cfg.logger),
         *RewardConfig.problems(cfg.reward),
         *EvalConfig.problems(cfg.eval),
         *PrefsConfig.problems(cfg.prefs),

@@ -5,11 +5,33 @@ them into the root config; each group's range and cross-field checks are its `pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
 from dpo_cli.choices import JudgeName, JudgeTemplate, RewardName
+
+
+def at_least(prefix: str, node: DictConfig, low: float, *keys: str) -> list[str]:
+    """The problems of `node`'s `keys` that are not a finite number >= `low` (None: the key is unset, and
+    allowed). Every numeric key of the schema goes through this or `positive`, so that no out-of-range,
+    NaN or infinite value reaches the code."""
+    return [
+        f"{prefix}{key}={node[key]}: must be {'a finite number ' if isinstance(node[key], float) else ''}"
+        f">= {low}"
+        for key in keys
+        if node[key] is not None and not (math.isfinite(node[key]) and node[key] >= low)
+    ]
+
+
+def positive(prefix: str, node: DictConfig, *keys: str) -> list[str]:
+    """The problems of `node`'s float `keys` that are not a finite number > 0 (None allowed, as above)."""
+    return [
+        f"{prefix}{key}={node[key]}: must be a finite number > 0"
+        for key in keys
+        if node[key] is not None and not (math.isfinite(node[key]) and node[key] > 0)
+    ]
 
 
 @dataclass
@@ -30,7 +52,7 @@ class RewardConfig:
         p = []
         if r.name == RewardName.hf_classifier and not r.model_name_or_path:
             p.append("reward=hf_classifier needs reward.model_name_or_path=HUB_ID_OR_DIR")
-        return p
+        return p + at_least("reward.", r, 1, "batch_size", "max_length_tokens")
 
 
 @dataclass
@@ -56,13 +78,9 @@ class EvalConfig:
 
     @staticmethod
     def problems(e: DictConfig) -> list[str]:
-        p = []
-        if e.num_prompts < 0:
-            p.append(f"eval.num_prompts={e.num_prompts}: must be >= 0")
-        if e.samples_per_prompt < 1:
-            p.append("eval.samples_per_prompt: must be >= 1")
-        if e.temperature <= 0:
-            p.append(f"eval.temperature={e.temperature}: must be > 0")
+        p = at_least("eval.", e, 0, "num_prompts", "seed", "num_table_samples")
+        p += at_least("eval.", e, 1, "samples_per_prompt", "max_new_tokens", "batch_size_prompts")
+        p += positive("eval.", e, "temperature")
         if not all(n >= 1 for n in e.best_of_n):
             p.append(f"eval.best_of_n={e.best_of_n}: each N >= 1")
         return p
@@ -91,11 +109,11 @@ class PrefsConfig:
 
     @staticmethod
     def problems(c: DictConfig) -> list[str]:
-        p = []
-        if c.num_samples < 2:
-            p.append(f"prefs.num_samples={c.num_samples}: must be >= 2")
-        if c.temperature <= 0:
-            p.append(f"prefs.temperature={c.temperature}: must be > 0")
+        p = at_least("prefs.", c, 2, "num_samples")
+        p += at_least("prefs.", c, 1, "max_new_tokens", "batch_size_prompts", "max_prompts")
+        p += positive("prefs.", c, "temperature")
+        if not 0 < c.top_p <= 1:
+            p.append(f"prefs.top_p={c.top_p}: must be in (0, 1]")
         return p
 
 
@@ -140,19 +158,13 @@ class JudgeConfig:
 
     @staticmethod
     def problems(j: DictConfig) -> list[str]:
-        p = []
-        if j.max_concurrency < 1:
-            p.append(f"judge.max_concurrency={j.max_concurrency}: must be >= 1")
-        if j.timeout_seconds <= 0:
-            p.append(f"judge.timeout_seconds={j.timeout_seconds}: must be > 0")
-        if j.max_retries < 0:
-            p.append(f"judge.max_retries={j.max_retries}: must be >= 0")
-        if j.backoff_seconds < 0:
-            p.append(f"judge.backoff_seconds={j.backoff_seconds}: must be >= 0")
-        if j.max_answer_tokens < 1:
-            p.append(f"judge.max_answer_tokens={j.max_answer_tokens}: must be >= 1")
+        p = at_least("judge.", j, 1, "max_concurrency", "max_answer_tokens")
+        p += at_least("judge.", j, 0, "max_retries", "backoff_seconds", "temperature", "seed")
+        p += positive("judge.", j, "timeout_seconds")
         if j.name == JudgeName.openai and not (j.base_url and j.model):
             p.append("judge=openai needs judge.base_url=URL and judge.model=NAME")
+        elif j.name == JudgeName.openai and not j.base_url.startswith(("http://", "https://")):
+            p.append(f"judge.base_url={j.base_url}: must start with http:// or https://")
         return p
 
 
@@ -171,9 +183,6 @@ class WinrateConfig:
 
     @staticmethod
     def problems(w: DictConfig) -> list[str]:
-        p = []
-        if w.num_prompts < 1:
-            p.append(f"winrate.num_prompts={w.num_prompts}: must be >= 1")
-        if w.max_new_tokens < 1:
-            p.append("winrate.max_new_tokens: must be >= 1")
-        return p
+        return at_least("winrate.", w, 1, "num_prompts", "max_new_tokens", "batch_size_prompts") + at_least(
+            "winrate.", w, 0, "seed"
+        )

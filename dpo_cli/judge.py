@@ -7,11 +7,13 @@ two verdicts agree that is a win or a loss, when the verdict follows the positio
 separately). An answer without a "Preferred: A|B" line is counted as unparseable, never dropped silently.
 
 Requests go to `<base_url>/chat/completions` with the standard library's HTTP client, several at once,
-with a timeout, and retried with exponential backoff after HTTP 429, 5xx, timeouts and dropped
-connections. Every answer is appended to a JSONL cache keyed by (server, judge model, generation settings,
-the full judge message: template, prompt, both texts and their order), so an interrupted evaluation
-resumes without paying twice. The API key comes from the environment variable named by
-`judge.api_key_env` and goes into the Authorization header only.
+each bounded as a whole by `judge.timeout_seconds`, and retried with exponential backoff after HTTP 429,
+5xx, timeouts and dropped connections. Every answer is checked (a string, or the multi-part list of text
+parts) before it is appended to a JSONL cache keyed by (server, judge model, generation settings, the full
+judge message: template, prompt, both texts and their order), so an interrupted evaluation resumes
+without paying twice. The API key comes from the environment variable named by `judge.api_key_env`, goes
+into the Authorization header to `base_url`'s origin only (a redirect elsewhere is refused), and is
+redacted from every error, answer and message before it is printed, cached or logged.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -65,6 +68,7 @@ TEMPLATES = {
 _VERDICT_LINE = re.compile(r"^\W*preferred\W*([AB])\W*$", re.IGNORECASE | re.MULTILINE)
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_BACKOFF_SECONDS = 60.0
+REDACTED = "[API key]"
 
 
 def template_for(cfg: JudgeConfig, data_name: str) -> str:
@@ -159,10 +163,11 @@ class AnswerCache:
         self.path = Path(path)
         self.answers: dict[str, str] = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            for line in self.path.read_text(errors="replace").splitlines():
                 try:
                     row = json.loads(line)
-                    self.answers[row["key"]] = row["answer"]
+                    if isinstance(row["answer"], str):  # answers cached before they were checked may not be
+                        self.answers[row["key"]] = row["answer"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
         self._lock = threading.Lock()
@@ -197,6 +202,7 @@ class ChatJudge:
         self._api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         if cfg.api_key_env and not self._api_key:
             print(f"judge: ${cfg.api_key_env} is not set; sending requests without an API key")
+        self._opener = urllib.request.build_opener(_SameOriginRedirects(cfg.base_url))
 
     def _body(self, message: str) -> dict[str, Any]:
         return {
@@ -213,22 +219,49 @@ class ChatJudge:
         with self._stats_lock:
             self.stats[name] += 1
 
+    def redact(self, text: str) -> str:
+        """`text` without the API key (a server may echo the request, key and all)."""
+        return text.replace(self._api_key, REDACTED) if self._api_key else text
+
     def _post(self, body: dict[str, Any]) -> str:
+        """The answer to one request, within `judge.timeout_seconds` for the whole of it: the socket's own
+        timeout bounds each read only, and a server sending a byte at a time would never time out."""
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers)
         self._count("requests")
-        with urllib.request.urlopen(request, timeout=self.cfg.timeout_seconds) as response:
-            payload = json.loads(response.read())
-        return payload["choices"][0]["message"]["content"] or ""
+        outcome: dict[str, Any] = {}
+        deadline = time.monotonic() + self.cfg.timeout_seconds
+
+        def send() -> None:
+            try:
+                with self._opener.open(request, timeout=self.cfg.timeout_seconds) as response:
+                    data = b""
+                    while chunk := response.read1(1 << 16):
+                        data += chunk
+                        if time.monotonic() > deadline:  # let this thread end; the caller has moved on
+                            raise TimeoutError
+                outcome["data"] = data
+            except BaseException as err:  # handed to the caller's thread
+                outcome["error"] = err
+
+        # A daemon thread: one stuck on a silent server never keeps the process from exiting.
+        worker = threading.Thread(target=send, daemon=True)
+        worker.start()
+        worker.join(self.cfg.timeout_seconds)
+        if worker.is_alive() or isinstance(outcome.get("error"), TimeoutError):
+            raise TimeoutError
+        if "error" in outcome:
+            raise outcome["error"]
+        return self.redact(_content(json.loads(outcome["data"].decode("utf-8"))))
 
     def _refused(self, err: urllib.error.HTTPError) -> ConfigError:
-        """A 4xx that retrying cannot fix: wrong URL, model or key. Its body is shown unless the error is
-        about the key (servers echo part of a bad key)."""
+        """A 4xx that retrying cannot fix: wrong URL, model or key. Its body is shown (without the key)
+        unless the error is about the key (servers echo part of a bad key)."""
         detail = ""
         if err.code not in (401, 403):
-            detail = " ".join(err.read().decode(errors="replace").split())[:200]
+            detail = " ".join(self.redact(err.read().decode(errors="replace")).split())[:200]
         key_hint = f"; check ${self.cfg.api_key_env}" if err.code in (401, 403) else ""
         return ConfigError(
             f"judge.base_url={self.cfg.base_url} judge.model={self.cfg.model}: HTTP {err.code} {err.reason}"
@@ -256,11 +289,13 @@ class ChatJudge:
                 error = f"no answer within judge.timeout_seconds={self.cfg.timeout_seconds}"
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as err:
                 error = f"connection failed ({getattr(err, 'reason', err)})"  # refused, reset, timed out
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                error = "the response is not a chat completion (no choices[0].message.content)"
+            except ConfigError:  # a redirect to another origin (_SameOriginRedirects)
+                raise
+            except (ValueError, KeyError, IndexError, TypeError):  # not JSON, not UTF-8, not a completion
+                error = "the response is not a chat completion (no text in choices[0].message.content)"
             if attempt < self.cfg.max_retries:
                 time.sleep(min(wait, MAX_BACKOFF_SECONDS))
-        return None, error
+        return None, self.redact(error)
 
     def _answer(self, key: str, body: dict[str, Any]) -> tuple[str | None, str | None]:
         answer, error = self.ask(body)
@@ -325,6 +360,46 @@ class ChatJudge:
                 }
             )
         return judgments
+
+
+def _content(payload: dict[str, Any]) -> str:
+    """The answer's text: `content` as a string, or the text parts of the multi-part format joined
+    (`[{"type": "text", "text": ...}, ...]`); anything else raises TypeError before it is cached."""
+    content = payload["choices"][0]["message"]["content"]
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        texts = [
+            part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        ]
+        if texts and all(isinstance(text, str) for text in texts):
+            return "".join(texts)
+    if not isinstance(content, str):
+        raise TypeError(f"content is {type(content).__name__}")
+    return content
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects with every header, the API key's too: refuse one to another origin."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.origin = _origin(base_url)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != self.origin:
+            raise ConfigError(
+                f"judge.base_url={self.base_url}: the server redirects (HTTP {code}) to another origin "
+                f"({_origin(newurl)}); the API key is only sent to {self.origin}: set judge.base_url to "
+                "the endpoint itself"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
 # ---------------------------------------------------------------------------------------------------------

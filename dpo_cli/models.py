@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from dpo_cli.checkpoints import check_weights
 from dpo_cli.config import ModelConfig
 from dpo_cli.errors import ConfigError
 
@@ -104,6 +105,8 @@ def load_model(
         source, kwargs = _package_dir(cfg.python_package), {"gguf_file": cfg.gguf_file}
     else:
         source, kwargs = cfg.name_or_path, {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    if checkpoint is None and Path(source).is_dir():
+        check_weights(Path(source), "model.name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         if quantization is not None:

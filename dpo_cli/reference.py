@@ -8,12 +8,14 @@ once). The cache is `ref.cache_dir/<key>/part-*.pt`, `key` hashing the reference
 the numerics (dtype, device, engine); entries are keyed by the exact token ids, so another dataset,
 tokenizer or length budget simply misses, and another checkpoint is another directory: a stale value is
 never read. Training never runs the reference, and every job of a beta sweep after the first reads the
-cache instead of scoring.
+cache instead of scoring. Each part carries a sha256 of its sequences and values: a part that does not
+load or does not match (rewritten, truncated, garbage) is named, removed, and its sequences scored again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from dpo_cli.checkpoints import torch_save_atomically
 from dpo_cli.data.batches import RefTable, Sequence, TokenizedExample, collate
 from dpo_cli.logps import model_token_logps
 
-CACHE_FORMAT = 1  # bump when the scoring changes meaning
+CACHE_FORMAT = 2  # bump when the scoring or the part format changes meaning (2: a checksum per part)
 
 
 def unique_sequences(examples: list[TokenizedExample]) -> list[Sequence]:
@@ -48,10 +50,29 @@ def cache_dir_for(cache_root: Path, fingerprint: str, numerics: str) -> Path:
     return Path(cache_root) / key
 
 
+def _checksum(sequences: list, logps: torch.Tensor) -> str:
+    digest = hashlib.sha256(json.dumps(sequences).encode())
+    digest.update(logps.to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def read_cache(directory: Path) -> RefTable:
+    """Every verified entry of the cache `directory`; a damaged part is reported and removed (rank 0), so
+    that its sequences count as missing and are scored again."""
     table: RefTable = {}
     for part in sorted(directory.glob("part-*.pt")):
-        entry = torch.load(part, weights_only=True)
+        try:
+            entry = torch.load(part, weights_only=True)
+            intact = entry["sha256"] == _checksum(entry["sequences"], entry["logps"])
+        except Exception as err:  # truncated, garbage, another format: all mean "not this cache's part"
+            intact, why = False, f"unreadable: {type(err).__name__}"
+        else:
+            why = "its checksum does not match its contents"
+        if not intact:
+            print(f"reference: cache part {part} is damaged ({why}); its sequences are scored again")
+            if distributed.is_main():
+                part.unlink(missing_ok=True)
+            continue
         table.update(zip(map(_as_sequence, entry["sequences"]), entry["logps"].tolist(), strict=True))
     return table
 
@@ -118,7 +139,8 @@ def precomputed_table(
     logps = score_sequences(load_reference(), missing, pad_token_id, device, share_prompts=share_prompts)
     if distributed.is_main():
         name = "part-" + hashlib.sha256(repr(missing).encode()).hexdigest()[:16] + ".pt"
-        entry = {"sequences": [list(map(list, s)) for s in missing], "logps": logps}
+        sequences_rows = [list(map(list, s)) for s in missing]
+        entry = {"sequences": sequences_rows, "logps": logps, "sha256": _checksum(sequences_rows, logps)}
         torch_save_atomically(entry, directory / name)
     distributed.barrier()
     print(

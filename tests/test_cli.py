@@ -42,6 +42,10 @@ def test_every_stage_has_a_config_file():
             ["dpo", "trainer.heap_trim=true", "trainer.lean_memory=off"],
             ["trainer.heap_trim=true", "trainer.lean_memory=on or auto"],
         ),
+        # Issue 22 (15): Hydra's lexer error named no remedy; a run name with ../ wrote outside output_root.
+        (["sft", "exp_name=café"], ["cannot parse the override 'exp_name=café'", "exp_name='café'"]),
+        (["sft", "run_name=../../../x"], ["run_name=../../../x: must be a plain directory name"]),
+        (["sft", "trainer.max_grad_norm=-1"], ["trainer.max_grad_norm=-1.0", "null for no clipping"]),
     ],
 )
 def test_bad_input_fails_in_one_line(argv, words, capsys):
@@ -96,3 +100,16 @@ def test_beta_is_the_one_key():
         cfg = compose(config_name="config", overrides=["beta=0.7", "loss=ipo", "stage=dpo"])
     GlobalHydra.instance().clear()
     assert cfg.beta == 0.7 and cfg.loss.name == "ipo" and "beta" not in cfg.loss
+
+
+def test_the_next_command_is_shell_quoted(tmp_path, capsys):
+    """Issue 22 (15): the printed `next:` command was not shell-quoted; pasted, it broke on a space."""
+    import shlex
+
+    root = tmp_path / "my runs"
+    main(["sft", "model=tiny", "logger=none", f"output_root={root}", "trainer.max_steps=1",
+          "trainer.batch_size_examples=8", "trainer.microbatch_size_examples=8", "eval.num_prompts=0",
+          "data.max_eval_examples=8"])  # fmt: skip
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("next: ")]
+    command = line.removeprefix("next: ").split("   (")[0]
+    assert f"output_root={root}" in shlex.split(command)

@@ -1,6 +1,8 @@
 """The schema: each list of choices exists once (dpo_cli/choices.py) and agrees with every other place that
 names the same things; choices are checked at compose time, ranges and cross-field rules by `validate`."""
 
+import math
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -103,3 +105,77 @@ def test_the_config_modules_import_neither_data_nor_distributed():
     for module in ("dpo_cli.config", "dpo_cli.config_stages", "dpo_cli.choices"):
         assert graph[module] <= allowed, module
     assert graph["dpo_cli.losses"] <= {"dpo_cli.losses.pairwise", "dpo_cli.losses.beyond_pairs"}
+
+
+def _numeric_keys(schema=None, prefix: str = "") -> list[tuple[str, type]]:
+    """Every int and float key of the schema (optional ones too), as (dotted key, type)."""
+    import dataclasses
+    import typing
+
+    from dpo_cli.config import Config
+
+    schema = schema or Config
+    keys = []
+    for f in dataclasses.fields(schema):
+        kind = typing.get_type_hints(schema)[f.name]
+        if dataclasses.is_dataclass(kind):
+            keys += _numeric_keys(kind, f"{prefix}{f.name}.")
+            continue
+        if typing.get_origin(kind) is list:  # temperatures, eval.best_of_n: checked element by element
+            continue
+        plain = {a for a in typing.get_args(kind) if a is not type(None)} or {kind}
+        if plain <= {int, float}:
+            keys.append((prefix + f.name, float if float in plain else int))
+    return keys
+
+
+def test_the_schema_has_numeric_keys_to_check():
+    keys = dict(_numeric_keys())
+    assert keys["trainer.max_grad_norm"] is float and keys["seed"] is int and len(keys) > 50
+
+
+@pytest.mark.parametrize(("key", "kind"), _numeric_keys(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_numeric_key_refuses_negative_nan_and_infinite_values(key, kind):
+    """Issue 22 (14, 2, 7): no numeric key of the schema takes -1 (seed=-1 was a numpy traceback,
+    trainer.max_grad_norm=-1 reversed every gradient) nor, for floats, nan or inf (judge.timeout_seconds=inf
+    never timed out). Each refusal names the key."""
+    from omegaconf import OmegaConf
+
+    base = compose_config("stage=dpo", "run_name=x")
+    validate(base)
+    for bad in [-1] + ([math.nan, math.inf] if kind is float else []):
+        cfg = base.copy()
+        OmegaConf.update(cfg, key, bad)
+        with pytest.raises(ConfigError) as err:
+            validate(cfg)
+        assert f"{key}=" in str(err.value), (bad, str(err.value))
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("trainer.max_grad_norm=0", ["trainer.max_grad_norm=0.0", "null for no clipping", "0 does not turn"]),
+        ("trainer.num_epochs=0", ["trainer.num_epochs=0: must be >= 1"]),
+        ("data.max_eval_examples=0", ["data.max_eval_examples=0: must be >= 1"]),
+        ("logger.log_every_steps=0", ["logger.log_every_steps=0"]),
+        ("eval.batch_size_prompts=0", ["eval.batch_size_prompts=0"]),
+        ("eval.max_new_tokens=0", ["eval.max_new_tokens=0"]),
+        ("trainer.save_every_steps=0", ["trainer.save_every_steps=0"]),
+        ("judge.base_url=localhost:8000/v1", ["judge.base_url=localhost:8000/v1: must start with http://"]),
+        ("run_name=../../../x", ["run_name=../../../x: must be a plain directory name"]),
+        ("exp_name=..", ["exp_name=..: must be a plain directory name"]),
+        ("seed=4294967296", ["seed=4294967296: must be < 2**32"]),
+    ],
+)
+def test_values_that_used_to_reach_the_code_are_refused_by_name(override, words):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config("stage=dpo", override))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_an_output_root_that_is_a_file_or_below_one_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    for root in (tmp_path / "file", tmp_path / "file" / "outputs"):
+        with pytest.raises(ConfigError, match=f"output_root={root}: .*file is a file, not a directory"):
+            validate(compose_config("stage=dpo", f"output_root={root}"))

@@ -1,5 +1,9 @@
 """Records -> views -> token batches, on hand-built records."""
 
+import gzip
+import json
+import re
+
 import pytest
 import torch
 
@@ -116,3 +120,76 @@ def test_a_file_of_mixed_record_kinds_is_refused_naming_both_lines(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     with pytest.raises(ConfigError, match=r"line 2: a sft record in a file of pair records \(line 1\)"):
         read_jsonl(path)
+
+
+# Issue 22 (7, 14, 15): inputs that were tracebacks, silently wrong, or blamed on the wrong thing.
+PAIRS = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(4)]
+RANKED_ROW = {"prompt": "x", "responses": ["a", "b", "c"], "ranking": [0, 1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("row", "words"),
+    [
+        (RANKED_ROW | {"rewards": [1.0, 0.5, 0.2, 0.1]}, ["'rewards' must be a list of 3 finite numbers"]),
+        (RANKED_ROW | {"rewards": [1.0, 0.5]}, ["'rewards' must be a list of 3 finite numbers"]),
+        (RANKED_ROW | {"rewards": ["1", "0", "2"]}, ["'rewards'", "['1', '0', '2']"]),
+        (RANKED_ROW | {"rewards": [1.0, float("nan"), 0.0]}, ["'rewards'", "nan"]),
+        (RANKED_ROW | {"ranking": 3}, ["'ranking' must be a permutation", "got 3"]),
+        (RANKED_ROW | {"ranking": [0.0, 1.0, 2.0]}, ["'ranking' must be a permutation"]),
+        (PAIRS[0] | {"split": ["test"]}, ["field 'split' must be a string"]),
+        (PAIRS[0] | {"prompt": "a\ud800b"}, ["field 'prompt'", "lone surrogate"]),
+    ],
+)
+def test_bad_fields_are_one_line_naming_the_line(tmp_path, row, words):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(row) + "\n")  # json.dumps writes NaN and the surrogate as JSON allows
+    with pytest.raises(ConfigError) as err:
+        read_jsonl(path)
+    assert f"{path} line 1:" in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_bom_gzip_and_parquet_files_are_read(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    text = "".join(json.dumps(r) + "\n" for r in PAIRS)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    with gzip.open(tmp_path / "pairs.jsonl.gz", "wt") as f:
+        f.write(text)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(PAIRS), tmp_path / "pairs.parquet")
+    for name in ("bom.jsonl", "pairs.jsonl.gz", "pairs.parquet"):
+        assert read_jsonl(tmp_path / name) == PAIRS, name
+
+
+def test_unreadable_files_say_why_in_one_line(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(
+        json.dumps(PAIRS[0]).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n'
+    )
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    expected = {
+        "latin1.jsonl": "latin1.jsonl line 2: not UTF-8 text",
+        "dir": "dir cannot be read: Is a directory",
+        "loop": "loop cannot be read: Too many levels of symbolic links",
+        "bad.jsonl.gz": "bad.jsonl.gz cannot be read",
+        "missing.jsonl": "missing.jsonl does not exist",
+    }
+    for name, words in expected.items():
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            read_jsonl(tmp_path / name)
+
+
+def test_a_prompt_the_split_cannot_share_is_named_not_blamed_on_the_reward_gap(tmp_path):
+    from dpo_cli.data import example_splits
+
+    one_prompt = write_jsonl(tmp_path / "one.jsonl", [PAIRS[0] | {"chosen": c} for c in ("a", "b", "c")])
+    cfg = DataConfig(name="jsonl", path=str(one_prompt))
+    with pytest.raises(ConfigError, match="no training records: 3 record.s. with 1 distinct prompt") as err:
+        example_splits(cfg, pair_view)
+    assert "min_reward_gap" not in str(err.value) and "data.eval_path" in str(err.value)
+    all_test = write_jsonl(tmp_path / "test.jsonl", [r | {"split": "test"} for r in PAIRS])
+    with pytest.raises(ConfigError, match="no training records: the records' 'split' values are test"):
+        example_splits(DataConfig(name="jsonl", path=str(all_test)), pair_view)

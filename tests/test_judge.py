@@ -1,5 +1,6 @@
 """The LLM judge's real HTTP client against an OpenAI-compatible server on 127.0.0.1 with scripted answers."""
 
+import contextlib
 import json
 import math
 import re
@@ -245,3 +246,130 @@ def test_reward_judge_compares_rewards():
         [Comparison("p", "longer", "short"), Comparison("p", "a", "bb"), Comparison("p", "x", "y")]
     )
     assert [j["outcome"] for j in judgments] == ["win", "loss", "tie"]
+
+
+# Issue 22 (9-12): servers that misbehave in ways that leaked the key, hung, or poisoned the cache.
+KEY = "sk-test-secret-0123456789"
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[Callable], str]]:
+    """`start(respond)`: a server on 127.0.0.1 whose every POST is `respond(handler, body_bytes)`, writing
+    whatever bytes it likes; returns its /v1 URL. `start.posts` counts the requests of all servers."""
+    servers = []
+
+    def start(respond: Callable) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                start.posts.append(self.server.server_address[1])
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client left
+                    respond(self, self.rfile.read(int(self.headers["Content-Length"])))
+
+            def log_message(self, *args):
+                pass
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+
+    start.posts = []
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def send(handler, status: int, data: bytes, **headers: str) -> None:
+    handler.send_response(status)
+    for name, value in ({"Content-Length": str(len(data))} | headers).items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def completion(content) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def raw_judge(url: str, tmp_path: Path, **overrides) -> ChatJudge:
+    settings = {"base_url": url, "model": "m", "api_key_env": "DPO_CLI_TEST_JUDGE_KEY", "max_retries": 0,
+                "backoff_seconds": 0.01, "timeout_seconds": 5.0}  # fmt: skip
+    return ChatJudge(JudgeConfig(**(settings | overrides)), "summary", tmp_path / "cache.jsonl")
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_a_redirect_to_another_origin_is_refused_and_gets_no_key(raw_server, tmp_path, monkeypatch, status):
+    """(9) urllib copied the Authorization header into a redirect to another host."""
+    monkeypatch.setenv("DPO_CLI_TEST_JUDGE_KEY", KEY)
+    elsewhere = raw_server(lambda h, body: send(h, 200, completion("Preferred: A")))
+    url = raw_server(lambda h, body: send(h, status, b"", Location=f"{elsewhere}/chat/completions"))
+    with pytest.raises(ConfigError, match=f"redirects \\(HTTP {status}\\) to another origin") as err:
+        raw_judge(url, tmp_path)(comparisons(1))
+    assert "\n" not in str(err.value)
+    assert raw_server.posts and all(port == int(url.split(":")[2].split("/")[0]) for port in raw_server.posts)
+
+
+def test_the_key_is_redacted_from_errors_answers_and_the_cache(raw_server, tmp_path, monkeypatch):
+    """(10) a 4xx body that echoes the request went into the error line (and wandb's console capture)."""
+    monkeypatch.setenv("DPO_CLI_TEST_JUDGE_KEY", KEY)
+    echo_400 = raw_server(
+        lambda h, body: send(h, 400, f"bad request from {h.headers['Authorization']}".encode())
+    )
+    with pytest.raises(ConfigError) as err:
+        raw_judge(echo_400, tmp_path)(comparisons(1))
+    assert "HTTP 400" in str(err.value) and "Bearer [API key]" in str(err.value) and KEY not in str(err.value)
+
+    echo_200 = raw_server(
+        lambda h, body: send(h, 200, completion(f"{h.headers['Authorization']}\nPreferred: A"))
+    )
+    judgments = raw_judge(echo_200, tmp_path)(comparisons(1))
+    assert judgments[0]["answers"][0].startswith("Bearer [API key]")
+    assert KEY not in (tmp_path / "cache.jsonl").read_text() + json.dumps(judgments)
+
+
+def test_a_server_that_trickles_bytes_times_out_as_a_whole(raw_server, tmp_path):
+    """(11) judge.timeout_seconds bounded each socket read: a byte every 0.1 s held the stage forever."""
+
+    def trickle(handler, body):
+        handler.send_response(200)
+        handler.send_header("Content-Length", "100000")
+        handler.end_headers()
+        for _ in range(200):
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+            time.sleep(0.1)
+
+    started = time.monotonic()
+    answer, error = raw_judge(raw_server(trickle), tmp_path, timeout_seconds=0.5).ask({"model": "m"})
+    assert answer is None and error == "no answer within judge.timeout_seconds=0.5"
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    ("data", "answer"),
+    [
+        (completion([{"type": "text", "text": "B is better.\n"}, {"type": "text", "text": "Preferred: B"}]),
+         "B is better.\nPreferred: B"),
+        (completion(5), None),
+        (completion(["Preferred: A"]), None),
+        (b"\xff\xfe not utf-8", None),
+    ],
+)  # fmt: skip
+def test_answers_are_checked_before_they_are_cached(raw_server, tmp_path, data, answer):
+    """(12) a numeric or list content was cached, then crashed every later run; a non-UTF-8 body was a
+    traceback. The multi-part format (a list of text parts) is read."""
+    judge = raw_judge(raw_server(lambda h, body: send(h, 200, data)), tmp_path)
+    got, error = judge.ask({"model": "m"})
+    assert got == answer
+    if answer is None:
+        assert error.startswith("the response is not a chat completion")
+
+
+def test_a_non_string_answer_in_an_old_cache_is_asked_again(raw_server, tmp_path):
+    url = raw_server(lambda h, body: send(h, 200, completion("Preferred: A")))
+    judge = raw_judge(url, tmp_path)
+    key = judge._key(judge._body("x"))
+    (tmp_path / "cache.jsonl").write_text(json.dumps({"key": key, "model": "m", "answer": 5}) + "\n")
+    assert raw_judge(url, tmp_path).cache.get(key) is None

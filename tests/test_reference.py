@@ -295,3 +295,27 @@ def test_cached_and_uncached_runs_give_identical_losses(tmp_path, checkpoint):
     forward = [m["train/forward_sequences_per_pair"] for m in cached if "train/loss" in m]
     online = [m["train/forward_sequences_per_pair"] for m in uncached if "train/loss" in m]
     assert forward == pytest.approx([x / 2 for x in online])
+
+
+def test_a_damaged_cache_part_is_named_removed_and_scored_again(tmp_path, checkpoint, capsys):
+    """Issue 22 (6): a part rewritten with wrong log-probs was used silently (step-0 eval loss 0.891 for
+    0.693); a truncated or garbage part was a torch traceback naming no file."""
+    _, tokenizer = tiny_model()
+    examples = _examples(tokenizer)
+    calls: list[int] = []
+    table = _table(checkpoint, examples, tmp_path / "cache", calls)
+    [part] = (tmp_path / "cache").glob("*/part-*.pt")
+    entry = torch.load(part, weights_only=True)
+    damages = {
+        "wrong values": lambda: torch.save(entry | {"logps": entry["logps"] + 1.0}, part),
+        "truncated": lambda: part.write_bytes(part.read_bytes()[:100]),
+        "garbage": lambda: part.write_bytes(b"not a torch file"),
+    }
+    for damage in damages.values():
+        damage()
+        capsys.readouterr()
+        assert _table(checkpoint, examples, tmp_path / "cache", calls) == table
+        out = capsys.readouterr().out
+        assert f"reference: cache part {part} is damaged" in out and "scored again" in out
+    assert len(calls) == 1 + len(damages)  # each damaged part was scored again, the values are right
+    assert len(list((tmp_path / "cache").glob("*/part-*.pt"))) == 1

@@ -1,9 +1,11 @@
 """Crash-safe resume, non-finite losses, Ctrl-C, and bad input that never costs the user anything."""
 
+import fcntl
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,15 +127,18 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(root, mo
     assert [p.name for p in checkpoints.resumable_checkpoints(run_dir)] == ["step-24", "step-27"]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(root):
-    argv = ["dpo", *dpo_args(root), "trainer.max_steps=30", "run_name=interrupted"]
-    run_dir = root / "default" / "dpo" / "interrupted"
+@pytest.mark.parametrize(("signum", "name"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(root, signum, name):
+    """Issue 22 (5): SIGTERM, what Slurm and Kubernetes send before a kill, exited at once with 143 and no
+    checkpoint; now it stops as Ctrl-C does."""
+    argv = ["dpo", *dpo_args(root), "trainer.max_steps=30", f"run_name=interrupted_{signum.name}"]
+    run_dir = root / "default" / "dpo" / f"interrupted_{signum.name}"
     process = start(argv, cwd=root)
     wait_for_step(process, run_dir, 5)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     assert process.wait(timeout=120) == 1
     err = process.stderr.read()
-    assert "interrupted: saved" in err and "resume=true" in err
+    assert f"interrupted ({name}): saved" in err and "resume=true" in err
     assert checkpoints.latest_resumable(run_dir) is not None
     main([*argv, "resume=true"])
     assert_same_run(run_dir, root / "default" / "dpo" / "full")
@@ -155,6 +160,83 @@ def test_non_finite_loss_stops_with_the_step_examples_and_last_checkpoint(root, 
         -1
     ]
     assert last["step"] == 6 and last["train/skipped_batches"] == 5
+
+
+def unfinished_run(root: Path, name: str, max_steps: int) -> tuple[list[str], Path]:
+    """A DPO run of `max_steps` whose final/ is removed: as if killed after its last log line."""
+    argv = ["dpo", *dpo_args(root), f"trainer.max_steps={max_steps}", f"run_name={name}"]
+    main(argv)
+    run_dir = root / "default" / "dpo" / name
+    shutil.rmtree(run_dir / "final")
+    return argv, run_dir
+
+
+def test_resume_refuses_a_changed_config_naming_the_keys(root, capsys):
+    """Issue 22 (3): resume=true with another beta or data continued and rewrote config.yaml."""
+    argv, run_dir = unfinished_run(root, "changed", max_steps=4)  # a checkpoint at step 3
+    config = (run_dir / "config.yaml").read_bytes()
+    capsys.readouterr()
+    fails([*argv, "resume=true", "beta=0.2", "data.eval_fraction=0.2"], capsys,
+          "beta=0.1 (now 0.2)", "data.eval_fraction=0.1 (now 0.2)",
+          "only run_name, trainer.max_steps")  # fmt: skip
+    assert (run_dir / "config.yaml").read_bytes() == config
+    # How long the run goes is not what it trains, nor the name of its (copied) run dir: allowed.
+    copy = shutil.copytree(run_dir, run_dir.with_name("changed_copy"))
+    main([*argv[:-2], "trainer.max_steps=6", "run_name=changed_copy", "resume=true"])
+    assert max(m["step"] for m in read_metrics(copy)) == 6 and (copy / "final").is_dir()
+
+
+def test_resume_drops_a_half_written_log_line_and_without_a_checkpoint_starts_clean(root):
+    """Issue 22 (7, 14): resume=true with no checkpoint wrote the step-0 line twice; a log line cut short
+    by a kill was a JSON traceback."""
+    argv, run_dir = unfinished_run(root, "no_checkpoint", max_steps=2)  # save_every_steps=3: none
+    expected = comparable_metrics(run_dir)
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "train/lo')
+    main([*argv, "resume=true"])
+    assert comparable_metrics(run_dir) == expected  # the same run again from step 0, each line once
+    assert [m["step"] for m in read_metrics(run_dir)].count(0) == 1
+
+
+def test_a_failed_overwrite_leaves_the_earlier_run_whole(root, tmp_path, capsys, guarded):
+    """Issue 22 (1): overwrite=true deleted the earlier run before the new one had done anything. The new
+    run fails after the run dir is prepared (the SFT dir is no model): the earlier run is back, byte for
+    byte (`guarded`), and nothing of the failed run is left beside it."""
+    run_dir = root / "default" / "dpo" / "full"
+    before = sorted(p.name for p in run_dir.iterdir())
+    fails(["dpo", *TINY, f"output_root={root}", f"sft_checkpoint={tmp_path}", "run_name=full",
+           "overwrite=true"], capsys, "not a model checkpoint")  # fmt: skip
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted({*before, ".lock"})
+
+
+def test_a_second_process_in_a_run_dir_refuses(root, capsys, guarded):
+    """Issue 22 (4): two identical commands started together both ran, each line written twice. A run
+    holds its run dir's lock for its whole life; here the test holds it."""
+    run_dir = root / "default" / "dpo" / "locked"
+    run_dir.mkdir(parents=True)
+    with (run_dir / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fails(["dpo", *dpo_args(root), "trainer.max_steps=1", "run_name=locked"], capsys,
+              f"{run_dir} is in use by another dpo-run")  # fmt: skip
+    assert not (run_dir / "metrics.jsonl").exists()
+    main(["dpo", *dpo_args(root), "trainer.max_steps=1", "run_name=locked"])  # once it is free
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+         ["model.safetensors is truncated or damaged"]),
+        (lambda d: (d / "model.safetensors").unlink(), ["config.json but no weights (model.safetensors)"]),
+    ],
+)  # fmt: skip
+def test_a_damaged_sft_checkpoint_is_named_in_one_line(root, tmp_path, capsys, guarded, damage, words):
+    """Issue 22 (14, 15): a truncated model.safetensors was a loader traceback; a dir without weights was
+    blamed on the hub being unreachable."""
+    copy = shutil.copytree(root / "default" / "sft" / "full" / "final", tmp_path / "final")
+    damage(copy)
+    fails(["dpo", *TINY, f"output_root={root}", f"sft_checkpoint={copy}", "run_name=damaged"], capsys,
+          f"sft_checkpoint={copy}", *words)  # fmt: skip
 
 
 def test_resume_of_a_finished_run_refuses(root, capsys):

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from dpo_cli.cli import main
 from dpo_cli.config import ModelConfig
+from dpo_cli.errors import ConfigError
 from dpo_cli.models import load_model
 from dpo_cli.sampling import sample
 from dpo_cli.stages.winrate import (
@@ -176,3 +177,34 @@ def test_best_of_n_head_to_head_against_another_runs_samples(tldr_sft_run):
     judgments = [json.loads(line) for line in (run_dir / "judgments.jsonl").open()]
     assert {j["baseline"] for j in judgments} == {" great"}
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.slow
+def test_a_failed_winrate_overwrite_leaves_the_earlier_run_whole(tldr_sft_run, capsys):
+    """Issue 22 (13): a failed `winrate overwrite=true` left the old winrate.csv, judgments.jsonl and
+    winrate.png beside the new config and samples. Now the earlier run waits aside and comes back whole."""
+    root, data = tldr_sft_run
+    argv = ["winrate", "model=tiny", "logger=none", f"output_root={root}", "data=tldr", f"data.path={data}",
+            "judge=reward", "temperatures=[1.0]", "winrate.num_prompts=2", "winrate.max_new_tokens=4",
+            "run_name=replaced"]  # fmt: skip
+    main(argv)
+    run_dir = root / "default" / "winrate" / "replaced"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.suffix != ".log"}
+    assert {"winrate.csv", "judgments.jsonl", "winrate.png", "samples.jsonl", "config.yaml"} <= set(before)
+    # Samples are written, then no judge answers (nothing listens on port 9): the run fails.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:6], "judge=openai", "judge.base_url=http://127.0.0.1:9/v1", "judge.max_retries=0",
+              "temperatures=[0.5]", *argv[7:], "overwrite=true"])  # fmt: skip
+    assert exit_info.value.code == 2 and "requests was answered" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.suffix != ".log"}
+    assert after == before | {".lock": b""}
+    assert not list(run_dir.glob(".previous-*"))
+
+
+def test_a_bad_temperature_in_a_samples_file_is_one_line(tmp_path):
+    """Issue 22 (14): a `temperature` that is not a number was a float() traceback."""
+    path = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "p", "completion": "c", "temperature": "hot"}])
+    with pytest.raises(
+        ConfigError, match=f"{path} line 1: field 'temperature' must be a number >= 0, got 'hot'"
+    ):
+        samples_file_baselines(path, 4)

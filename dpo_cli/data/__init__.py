@@ -13,10 +13,12 @@ Adapters for hub datasets plug into ADAPTERS: a function from DataConfig to a li
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dpo_cli.config import DataConfig
@@ -31,35 +33,75 @@ EVAL_SPLITS = ("test", "eval", "validation", "heldout")
 Example = tuple[str, list[str]] | tuple[str, list[str], bool]
 
 
+def json_rows(path: str | Path, name: str) -> Iterator[tuple[str, object]]:
+    """("<path> line N", value) of every non-blank line of a JSON-lines file, `.gz` ones decompressed and
+    a UTF-8 byte-order mark skipped. Every JSON-lines file the user names is read through here, so that a
+    file that cannot be read (missing, a directory, no permission, a symlink loop, bad gzip), bytes that
+    are not UTF-8 or a line that is not JSON are one ConfigError naming `name` (how the user gave the
+    file) or the line."""
+    path = Path(path)
+    number = 0
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise ConfigError(
+                        f"{path} line {number}: not UTF-8 text ({err.reason} at byte {err.start}); save the "
+                        "file as UTF-8"
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+                yield f"{path} line {number}", value
+    except FileNotFoundError:
+        raise ConfigError(f"{name} does not exist") from None
+    except (OSError, EOFError) as err:
+        detail = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        at = f" (after line {number})" if number else ""
+        raise ConfigError(f"{name} cannot be read{at}: {detail}") from None
+
+
+def _rows(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, row) of a records file: JSON lines (optionally gzipped), or a parquet file's rows (the
+    format the hub's datasets come in)."""
+    if path.suffix != ".parquet":
+        yield from json_rows(path, f"data file {path}")
+        return
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (OSError, pyarrow.ArrowException) as err:
+        raise ConfigError(f"data file {path} cannot be read as parquet: {str(err).splitlines()[0]}") from None
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path} row {number}", row
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSON-lines file, each checked, all of one kind (pair, ranked, sft or unpaired).
+    """Records of a JSON-lines (or `.jsonl.gz`, or parquet) file, each checked, all of one kind (pair,
+    ranked, sft or unpaired).
 
     Read with the json module (not `datasets`' Arrow reader: it would parse the file a second time, and
     importing it costs ~0.5 s and ~95 MiB of resident memory in every run), so an error names the line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist")
     records, first_kind = [], None
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            kind = _check_record(record, where)
-            first_kind = first_kind or (kind, number)
-            if kind != first_kind[0]:
-                raise ConfigError(
-                    f"{where}: a {kind} record in a file of {first_kind[0]} records (line {first_kind[1]}); "
-                    "one file holds one kind"
-                )
-            records.append(record)
+    for where, record in _rows(path):
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        kind = _check_record(record, where)
+        first_kind = first_kind or (kind, where.removeprefix(f"{path} "))
+        if kind != first_kind[0]:
+            raise ConfigError(
+                f"{where}: a {kind} record in a file of {first_kind[0]} records ({first_kind[1]}); "
+                "one file holds one kind"
+            )
+        records.append(record)
     if not records:
         raise ConfigError(f"{path} holds no records")
     return records
@@ -77,19 +119,52 @@ def _check_record(record: dict, where: str) -> str:
     for name in text_fields[kind]:
         if not isinstance(record.get(name), str):
             raise ConfigError(f"{where}: field {name!r} must be a string")
+        _check_text(record[name], where, name)
     if kind == "unpaired" and not isinstance(record["label"], bool):
         raise ConfigError(f"{where}: field 'label' must be true (desirable) or false (undesirable)")
+    if "split" in record and not isinstance(record["split"], str):
+        raise ConfigError(
+            f"{where}: field 'split' must be a string (train, or one of {', '.join(EVAL_SPLITS)})"
+        )
     if kind == "ranked":
-        responses, ranking = record["responses"], record["ranking"]
+        responses, ranking, rewards = record["responses"], record["ranking"], record.get("rewards")
         if not (
             isinstance(responses, list) and all(isinstance(r, str) for r in responses) and len(responses) >= 2
         ):
             raise ConfigError(f"{where}: 'responses' must be a list of at least 2 strings")
-        if sorted(ranking) != list(range(len(responses))):
+        for response in responses:
+            _check_text(response, where, "responses")
+        # bool is an int to Python, not an index to anyone.
+        if not (
+            isinstance(ranking, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in ranking)
+            and sorted(ranking) == list(range(len(responses)))
+        ):
             raise ConfigError(
                 f"{where}: 'ranking' must be a permutation of 0..{len(responses) - 1}, got {ranking}"
             )
+        if rewards is not None and not (
+            isinstance(rewards, list)
+            and len(rewards) == len(responses)
+            and all(
+                isinstance(r, int | float) and not isinstance(r, bool) and math.isfinite(r) for r in rewards
+            )
+        ):
+            raise ConfigError(
+                f"{where}: 'rewards' must be a list of {len(responses)} finite numbers, one per response, "
+                f"got {rewards}"
+            )
     return kind
+
+
+def _check_text(text: str, where: str, name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate ("\ud800" in the JSON): no tokenizer takes it
+        raise ConfigError(
+            f"{where}: field {name!r} holds {text[err.start : err.end]!r}, not valid Unicode (a lone "
+            "surrogate)"
+        ) from None
 
 
 def record_kind(record: dict, where: str = "record") -> str:
@@ -107,7 +182,7 @@ def record_kind(record: dict, where: str = "record") -> str:
 
 def _sentiment(cfg: DataConfig) -> list[dict]:
     path = Path(cfg.path) if cfg.path else SHIPPED_SENTIMENT
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path} is missing; create it with `dpo-run prefs prefs.output_path={path}`")
     return read_jsonl(path)
 
@@ -240,11 +315,37 @@ def example_splits(
     """(train examples, held-out examples capped at `max_eval_examples`, held-out records) of a view.
     Runs before any model is loaded, so bad data fails fast."""
     train_records, eval_records = load_splits(cfg)
-    train, held_out = view(train_records), view(eval_records)
-    for name, examples in (("training", train), ("held-out", held_out)):
-        if not examples:
+    for name, records in (("training", train_records), ("held-out", eval_records)):
+        if not records:
             raise ConfigError(
-                f"data={cfg.name}: no {name} examples left for this loss "
-                f"(data.min_reward_gap={cfg.min_reward_gap}; see the record kinds in README 'Your own data')"
+                f"data={cfg.name}: no {name} records: {_why_no_records(cfg, train_records + eval_records)}"
+            )
+    train, held_out = view(train_records), view(eval_records)
+    for name, examples, records in (("training", train, train_records), ("held-out", held_out, eval_records)):
+        if not examples:
+            # Only ranked records with rewards lose pairs to the gap (others only as identical pairs).
+            why = (
+                f"data.min_reward_gap={cfg.min_reward_gap} keeps only pairs whose rewards differ by that much"
+                if any("rewards" in r for r in records)
+                else "see the record kinds in README 'Your own data'"
+            )
+            raise ConfigError(
+                f"data={cfg.name}: no {name} examples left for this loss from {len(records)} {name} "
+                f"records ({why})"
             )
     return train, held_out[: cfg.max_eval_examples], eval_records
+
+
+def _why_no_records(cfg: DataConfig, records: list[dict]) -> str:
+    if any("split" in r for r in records):
+        splits = sorted({r.get("split", "(none)") for r in records})
+        return (
+            f"the records' 'split' values are {', '.join(splits)}; training takes every split but "
+            f"{', '.join(EVAL_SPLITS)}, held-out evaluation those (or give data.eval_path=FILE)"
+        )
+    prompts = len({r["prompt"] for r in records})
+    return (
+        f"{len(records)} record(s) with {prompts} distinct prompt(s); held-out prompts are split off by "
+        f"prompt (data.eval_fraction={cfg.eval_fraction}), so give records of more prompts, a 'split' "
+        "field, or data.eval_path=FILE"
+    )

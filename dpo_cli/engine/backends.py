@@ -66,7 +66,7 @@ class SingleProcess:
         self.accumulation_steps = t.batch_size_examples // t.microbatch_size_examples
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = optimizer_and_schedule(t, self.params, cfg.lr)
-        self.max_grad_norm = t.max_grad_norm or float("inf")
+        self.max_grad_norm = float("inf") if t.max_grad_norm is None else t.max_grad_norm
 
     @classmethod
     def frozen(cls, cfg: DictConfig, model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
@@ -80,12 +80,17 @@ class SingleProcess:
 
     def step(self, apply: bool) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        if apply and torch.isfinite(grad_norm):
+        if apply and torch.isfinite(grad_norm) and self._clipped_finite():
             self.optimizer.step()
             self.scheduler.step()
         # Free the gradients now: the next forward needs the memory.
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def _clipped_finite(self) -> bool:
+        """The gradients after clipping are finite too (a clip factor of NaN would pass a finite norm)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
         state = state | {

@@ -66,7 +66,7 @@ def train(
         initial=run.start_step,
         total=data.num_steps,
     )
-    # Ctrl-C finishes the step in flight, saves a resumable checkpoint and stops (twice: stop at once).
+    # Ctrl-C or SIGTERM finishes the step in flight, saves a resumable checkpoint and stops (twice: at once).
     with _interruptible() as interrupted:
         for step in progress:
             backend.module.train()
@@ -96,8 +96,11 @@ def train(
             if t.save_every_steps and step % t.save_every_steps == 0 and step != data.num_steps:
                 save(step)
             # Every rank stops at the same step (the save is a collective under DeepSpeed).
-            if distributed.any_true(interrupted.requested):
-                raise RunStopped(f"interrupted: saved {save(step)} (step {step}); continue with resume=true")
+            if distributed.any_true(interrupted.by is not None):
+                raise RunStopped(
+                    f"interrupted ({interrupted.by or 'on another rank'}): saved {save(step)} (step {step}); "
+                    "continue with resume=true"
+                )
     return backend.save_final(run.path / "final")
 
 
@@ -193,21 +196,31 @@ def eval_point(
 
 
 class _Interrupt:
-    requested = False
+    by: str | None = None
+    """The signal that asked the run to stop ("Ctrl-C", "SIGTERM"), or None."""
+
+
+# SIGTERM is what Slurm and Kubernetes send before they kill a job: it gets the same graceful stop.
+_STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 @contextlib.contextmanager
 def _interruptible() -> Iterator[_Interrupt]:
     state = _Interrupt()
 
-    def on_sigint(signum, frame) -> None:
-        if state.requested:
+    def on_signal(signum, frame) -> None:
+        if state.by is not None:
             raise KeyboardInterrupt
-        state.requested = True
-        print("\ndpo-run: Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit now)")
+        state.by = _STOP_SIGNALS[signum]
+        print(
+            f"\ndpo-run: {state.by}: finishing this step, then saving a checkpoint ({state.by} again to quit "
+            "now)",
+            flush=True,
+        )
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
     try:
         yield state
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from dpo_cli.checkpoints import check_weights
 from dpo_cli.data import load_splits
 from dpo_cli.engine import rundir
 from dpo_cli.errors import ConfigError
@@ -20,7 +21,7 @@ from dpo_cli.models import load_model
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
     reference_dir = rundir.find_sft_checkpoint(cfg)
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else reference_dir
+    checkpoint = check_weights(Path(cfg.checkpoint), "checkpoint") if cfg.checkpoint else reference_dir
     if cfg.eval.num_prompts == 0:
         raise ConfigError("eval.num_prompts=0 leaves `dpo-run eval` nothing to do; set it >= 1")
     device = rundir.prepare(cfg, run_dir).device

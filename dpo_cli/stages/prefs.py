@@ -8,13 +8,14 @@ best first; `data.min_reward_gap` later decides which of the K*(K-1)/2 pairs bec
 from __future__ import annotations
 
 import json
-import os
+import shlex
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from dpo_cli.data import SHIPPED_OPENINGS
+from dpo_cli.checkpoints import replaced_atomically
+from dpo_cli.data import SHIPPED_OPENINGS, json_rows
 from dpo_cli.errors import ConfigError
 from dpo_cli.models import load_model, resolve_device
 from dpo_cli.rewards import make_reward_fn
@@ -53,9 +54,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     )
 
     # Write next to the target and rename: an interrupted run never leaves a half-written records file.
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = output_path.with_suffix(".tmp")
-    with tmp_path.open("w") as f:
+    with replaced_atomically(output_path) as tmp_path, tmp_path.open("w") as f:
         for i, (record, completions) in enumerate(zip(prompt_records, samples, strict=True)):
             scores = [round(r, 4) for r in rewards[i * p.num_samples : (i + 1) * p.num_samples]]
             ranking = sorted(range(len(completions)), key=lambda k: -scores[k])
@@ -66,20 +65,17 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
                 "ranking": ranking,
             }
             f.write(json.dumps(row | {"split": record.get("split", "train")}) + "\n")
-    os.replace(tmp_path, output_path)
 
     mean_reward = sum(rewards) / len(rewards)
     print(f"wrote {len(prompts)} prompts x {p.num_samples} scored samples to {output_path}")
     print(f"mean {cfg.reward.name} reward {mean_reward:+.3f}")
-    print(f"next: dpo-run sft data=jsonl data.path={output_path}")
+    print(f"next: dpo-run sft data=jsonl {shlex.quote(f'data.path={output_path}')}")
 
 
 def read_jsonl_prompts(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ConfigError(f"prefs.prompts_path={path} does not exist")
-    with path.open() as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("prompt"), str):
-            raise ConfigError(f"{path} line {i + 1}: field 'prompt' must be a string")
+    rows = []
+    for where, row in json_rows(path, f"prefs.prompts_path={path}"):
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
+            raise ConfigError(f"{where}: field 'prompt' must be a string")
+        rows.append(row)
     return rows

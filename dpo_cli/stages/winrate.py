@@ -24,7 +24,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli.data import load_splits, record_kind
+from dpo_cli.checkpoints import check_weights
+from dpo_cli.data import json_rows, load_splits, record_kind
 from dpo_cli.engine import rundir
 from dpo_cli.errors import ConfigError
 from dpo_cli.judge import Comparison, make_judge, summarize
@@ -80,24 +81,23 @@ def dataset_baselines(records: list[dict], num_prompts: int) -> tuple[list[str],
 def samples_file_baselines(path: Path, num_prompts: int) -> tuple[list[str], Baselines]:
     """The first `num_prompts` distinct prompts of a samples file (JSONL of prompt + completion, optionally
     temperature) and their completions: at the same temperature when the file has it, else the first."""
-    if not path.is_file():
-        raise ConfigError(f"baseline={path} does not exist; use baseline=dataset or a samples.jsonl file")
     baselines: Baselines = {}
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"baseline={path} line {number}: not valid JSON ({err.msg})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
-                raise ConfigError(f"baseline={path} line {number}: field 'prompt' must be a string")
-            if not isinstance(row.get("completion"), str):
-                raise ConfigError(f"baseline={path} line {number}: field 'completion' must be a string")
-            baselines.setdefault((row["prompt"], None), row["completion"])
-            if row.get("temperature") is not None:
-                baselines.setdefault((row["prompt"], float(row["temperature"])), row["completion"])
+    name = f"baseline={path} (use baseline=dataset or a samples.jsonl file)"
+    for where, row in json_rows(path, name):
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
+            raise ConfigError(f"baseline={where}: field 'prompt' must be a string")
+        if not isinstance(row.get("completion"), str):
+            raise ConfigError(f"baseline={where}: field 'completion' must be a string")
+        temperature = row.get("temperature")
+        if temperature is not None and not (
+            isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature >= 0
+        ):
+            raise ConfigError(
+                f"baseline={where}: field 'temperature' must be a number >= 0, got {temperature!r}"
+            )
+        baselines.setdefault((row["prompt"], None), row["completion"])
+        if temperature is not None:
+            baselines.setdefault((row["prompt"], float(temperature)), row["completion"])
     if not baselines:
         raise ConfigError(f"baseline={path} holds no samples")
     prompts = [prompt for prompt, temperature in baselines if temperature is None][:num_prompts]
@@ -266,7 +266,11 @@ def _describe(row: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else rundir.find_sft_checkpoint(cfg)
+    checkpoint = (
+        check_weights(Path(cfg.checkpoint), "checkpoint")
+        if cfg.checkpoint
+        else rundir.find_sft_checkpoint(cfg)
+    )
     # Data and judge problems show before any model is loaded.
     prompts, baselines, baseline_name = load_baselines(cfg)
     device = rundir.prepare(cfg, run_dir).device
