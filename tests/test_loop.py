@@ -128,3 +128,20 @@ def test_resume_from_a_checkpoint_ends_bit_identical(tmp_path):
     assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3, 4]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_an_update_whose_clipped_gradients_are_not_finite_is_not_applied(tmp_path):
+    """Clipping with a NaN bound (say, validation bypassed) keeps the norm finite and makes every gradient
+    NaN: the backend refuses the update instead of writing NaN weights."""
+    from omegaconf import open_dict
+
+    cfg = _cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.trainer.max_grad_norm = float("nan")
+    model = gqa_llama()
+    backend = SingleProcess(cfg, model, tiny_tokenizer(), torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    grad_norm = backend.step(apply=True)
+    assert torch.isfinite(grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
