@@ -49,15 +49,13 @@ def make_objective(loss_cfg: DictConfig, beta: float, reference: torch.nn.Module
 
 def _preference_metrics(policy: Completions, ref, chosen_rewards, rejected_rewards, forward_sequences):
     """The paper's code's metrics: implicit rewards of the best and worst completion, their log-probs."""
-    rows = torch.arange(len(policy.logps), device=policy.logps.device)
-    worst = policy.logps[rows, policy.valid.sum(-1) - 1]
     return {
         "rewards/chosen": chosen_rewards.mean().item(),
         "rewards/rejected": rejected_rewards.mean().item(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
         "logps/chosen": policy.logps[:, 0].mean().item(),
-        "logps/rejected": worst.mean().item(),
+        "logps/rejected": policy.worst(policy.logps).mean().item(),
         "forward_sequences_per_pair": forward_sequences,
     }
 

@@ -57,6 +57,11 @@ class Completions:
     token_mask: torch.Tensor | None = None
     desirable: torch.Tensor | None = None
 
+    def worst(self, values: torch.Tensor) -> torch.Tensor:
+        """(B,) `values` (B, K) at each example's worst completion: its last valid one."""
+        rows = torch.arange(len(values), device=values.device)
+        return values[rows, self.valid.sum(-1) - 1]
+
     @classmethod
     def gather(cls, per_token: torch.Tensor, mask: torch.Tensor, batch: dict, *, token_level: bool = False):
         """Per-example completions from a batch's unique rows (paper App. B): `per_token`, `mask` (N, T)
@@ -85,10 +90,8 @@ def implicit_rewards(
     scale the paper's baselines are compared on."""
     if reference is None:
         return None, None
-    rows = torch.arange(len(policy.logps), device=policy.logps.device)
-    last = policy.valid.sum(-1) - 1
     chosen = (beta * (policy.logps[:, 0] - reference[:, 0])).detach()
-    rejected = (beta * (policy.logps[rows, last] - reference[rows, last])).detach()
+    rejected = (beta * (policy.worst(policy.logps) - policy.worst(reference))).detach()
     return chosen, rejected
 
 
