@@ -116,6 +116,7 @@ class Offload(StrEnum):
 
 class LoggerName(StrEnum):
     wandb = "wandb"
+    tensorboard = "tensorboard"
     none = "none"
 
 

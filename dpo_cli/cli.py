@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import distributed
-from dpo_cli.config import Config, conf_dir, validate
+from dpo_cli.config import Config, conf_dir, run_dir_name, validate
 from dpo_cli.errors import ConfigError, RunStopped
 
 # name -> (module with `run(cfg, run_dir)`, one-line description). The help text is generated from this.
@@ -36,6 +36,17 @@ STAGES: dict[str, tuple[str, str]] = {
     "winrate": (
         "dpo_cli.stages.winrate",
         "win rate of checkpoint=PATH vs a baseline by a judge, per temperature",
+    ),
+}
+# Commands that are not training stages: they read run dirs, and start no Hydra job.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plot": (
+        "dpo_cli.frontier",
+        "frontier.png/csv and winrate.png/csv of every run below DIR ... (--out, --title)",
+    ),
+    "runs": (
+        "dpo_cli.runs",
+        "a table of the runs below DIR (default outputs/): stage, overrides, metrics, status",
     ),
 }
 # Hydra flags that take a value: that value is not the stage word.
@@ -60,6 +71,7 @@ def config_groups() -> dict[str, list[str]]:
 def help_text() -> str:
     lines = ["usage: dpo-run [-m] <stage> [key=value ...] [hydra flags]", "", "stages:"]
     lines += [f"  {name:<8} {desc}" for name, (_, desc) in STAGES.items()]
+    lines += ["", "commands:"] + [f"  {name:<8} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "config groups (group=option):"]
     lines += [f"  {group:<11} {', '.join(options)}" for group, options in config_groups().items()]
     lines += [
@@ -70,11 +82,57 @@ def help_text() -> str:
         "  dpo-run dpo loss=unlikelihood loss.alpha=0.5",
         "  dpo-run -m dpo beta=0.05,0.1,1,5",
         "  dpo-run dpo --cfg job          # print the composed config and exit",
+        "  dpo-run runs                   # what has run under outputs/",
+        "  dpo-run plot outputs/default   # every eval point of the experiment on one figure",
         "",
-        "Top-level keys: exp_name, run_name, seed, beta, lr, sft_checkpoint, output_root.",
+        "A stage's keys, with type, default and meaning: dpo-run <stage> --help",
         "Hydra's own help: dpo-run <stage> --hydra-help",
+        'Shell completion (bash): eval "$(dpo-run -sc install=bash)"',
     ]
     return "\n".join(lines)
+
+
+def stage_help(stage: str) -> str:
+    """`dpo-run STAGE --help`: every key the stage reads, with its type, this stage's default and the
+    first sentence of its docstring in the schema."""
+    from dataclasses import fields, is_dataclass
+
+    from dpo_cli.config import STAGE_READS, field_docs
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        values = OmegaConf.to_container(
+            compose(config_name="config", overrides=[f"stage={stage}"]), resolve=False, enum_to_str=True
+        )
+    GlobalHydra.instance().clear()
+    docs = field_docs()
+    reads = STAGE_READS.get(stage) or [f.name for f in fields(Config)]
+    lines = [f"usage: dpo-run [-m] {stage} [key=value ...]", "", f"{stage}: {STAGES[stage][1]}", ""]
+    lines.append("keys (type = default for this stage: meaning); groups: dpo-run --help")
+    top = {f.name: f for f in fields(Config)}
+    for entry in reads:
+        group, _, only = entry.partition(".")
+        if group not in top:
+            continue
+        schema = top[group].default_factory() if callable(top[group].default_factory) else None
+        if schema is not None and is_dataclass(schema):
+            for f in fields(schema):
+                if not only or f.name == only:
+                    key, value = f"{group}.{f.name}", values[group][f.name]
+                    lines.append(_key_line(key, f.type, value, docs.get((type(schema).__name__, f.name), "")))
+        else:
+            lines.append(
+                _key_line(group, top[group].type, values.get(group), docs.get(("Config", group), ""))
+            )
+    return "\n".join(lines)
+
+
+def _key_line(key: str, type_name: str, value, doc: str) -> str:
+    sentence = re.split(r"(?<=[a-z0-9)`]\.)\s+(?=[A-Z])", doc, maxsplit=1)[0]
+    shown = "null" if value is None else value
+    if key == "run_name":
+        shown = "your overrides, as beta-0.5_loss-ipo"
+    return f"  {key} ({type_name} = {shown}): {sentence}"
 
 
 def _choice_error(err: Exception) -> str | None:
@@ -137,13 +195,49 @@ def _overrides(args: list[str]) -> list[str]:
     return overrides
 
 
-def preflight(overrides: list[str]) -> None:
-    """Compose every job's config (each combination of sweep values) and validate it; fail in one line."""
+def _new_keys(parsed) -> str | None:
+    """`+group.key=value` adds a key the schema lacks: Hydra takes it and no stage reads it."""
+    schema = OmegaConf.structured(Config)
+    for override in parsed:
+        key = override.get_key_element()
+        if not key.startswith("+") or key.startswith("++"):
+            continue
+        parent, _, name = key[1:].rpartition(".")
+        node = OmegaConf.select(schema, parent) if parent else schema
+        if isinstance(node, DictConfig) and name not in node:
+            valid = ", ".join(node.keys())
+            where = f" of {parent}" if parent else ""
+            return f"{override.input_line}: no stage reads {key[1:]!r}; valid keys{where}: {valid}"
+    return None
+
+
+def sweep_dir_name(parsed, exclude_keys: list[str]) -> str:
+    """A sweep's dir, named from its overrides but not from the swept values (`multirun-beta_loss-ipo`
+    for `-m dpo beta=0.05,0.1 loss=ipo`): the same sweep, or one with other values, continues there with
+    resume=true, and `frontier.csv` covers every job in it."""
+    swept, fixed = [], []
+    for o in parsed:
+        key = o.get_key_element()
+        if key.lstrip("+~") in exclude_keys or key.startswith("hydra"):
+            continue
+        if o.is_sweep_override():
+            swept.append(key)
+        else:
+            fixed.append(f"{key}-{o.get_value_element_as_str()}")
+    return "multirun-" + run_dir_name("_".join(sorted(swept) + sorted(fixed)))
+
+
+def preflight(overrides: list[str]) -> DictConfig:
+    """Compose every job's config (each combination of sweep values) and validate it; fail in one line.
+    Returns the first job's config."""
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides([o for o in overrides if not o.startswith("hydra")])
     except Exception as err:
         _fail(_unparsable(parser, overrides) or _one_line(err))
+    added = _new_keys(parsed)
+    if added:
+        _fail(added)
     per_key = [
         [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
         if o.is_sweep_override()
@@ -151,6 +245,7 @@ def preflight(overrides: list[str]) -> None:
         for o in parsed
     ]
     jobs = list(itertools.islice(itertools.product(*per_key), _MAX_PREFLIGHT_JOBS))
+    first = None
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for job in jobs:
@@ -159,7 +254,9 @@ def preflight(overrides: list[str]) -> None:
                 validate(cfg, distributed.expected_world_size(cfg))
             except Exception as err:
                 _fail(_one_line(err))
+            first = cfg if first is None else first
     GlobalHydra.instance().clear()
+    return first
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> None:
@@ -168,7 +265,9 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> None:
     until this one finishes)."""
     validate(cfg, distributed.expected_world_size(cfg))
     from dpo_cli.engine import rundir  # torch: imported only when it is needed
+    from dpo_cli.logging import quiet_console
 
+    quiet_console(cfg.logger.verbose)
     module = importlib.import_module(STAGES[cfg.stage][0])
     with rundir.claimed(cfg, run_dir):
         module.run(cfg, Path(run_dir))
@@ -189,6 +288,9 @@ def launch_ranks(cfg: DictConfig, run_dir: Path) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        if cfg.resume and (run_dir / "final").is_dir() and HydraConfig.get().mode.name == "MULTIRUN":
+            print(f"resume: skipping {run_dir}: finished already (final/ exists)")
+            return
         if distributed.wanted(cfg) and not distributed.inside_launcher():
             launch_ranks(cfg, run_dir)
         else:
@@ -209,15 +311,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    distributed.quiet_unless_rank_zero()
-    args = list(sys.argv[1:] if argv is None else argv)
-    # The deepspeed launcher appends --local_rank=N; the rank is in the environment as well.
-    args = [arg for arg in args if not re.match(r"--local[_-]rank=", arg)]
-    if not args or "-h" in args or "--help" in args:
-        print(help_text())
-        return
-    stage_index = next(
+def _stage_index(args: list[str]) -> int | None:
+    return next(
         (
             i
             for i, a in enumerate(args)
@@ -225,14 +320,62 @@ def main(argv: list[str] | None = None) -> None:
         ),
         None,
     )
+
+
+def _shell_completion(args: list[str]) -> None:
+    """`-sc install=bash` as Hydra has it; a query (`-sc query=bash`, from the installed completion) sees
+    the stage word as `stage=<word>`, and the first word completes to a stage or command."""
+    import os
+
+    if any(a.startswith("query=") for a in args) and "COMP_LINE" in os.environ:
+        program, *words = os.environ["COMP_LINE"].split(" ")
+        index = _stage_index(words)
+        if index is None or index == len(words) - 1:  # the stage word itself is being typed
+            typed = words[index] if index is not None else ""
+            print(" ".join(name for name in [*STAGES, *COMMANDS] if name.startswith(typed)))
+            return
+        stage = words.pop(index)
+        os.environ["COMP_LINE"] = " ".join([program, f"stage={stage}", *words])
+    sys.argv = [sys.argv[0], *args]
+    _hydra_main()
+
+
+def main(argv: list[str] | None = None) -> None:
+    distributed.quiet_unless_rank_zero()
+    args = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher appends --local_rank=N; the rank is in the environment as well.
+    args = [arg for arg in args if not re.match(r"--local[_-]rank=", arg)]
+    if "-sc" in args or "--shell-completion" in args:
+        return _shell_completion(args)
+    stage_index = _stage_index(args)
+    if stage_index is not None and args[stage_index] in COMMANDS:
+        command = args.pop(stage_index)
+        sys.exit(importlib.import_module(COMMANDS[command][0]).main(args))
+    if not args or (stage_index is None and ("-h" in args or "--help" in args)):
+        print(help_text())
+        return
     if stage_index is None:
         _fail(f"no stage given; choose one of {', '.join(STAGES)} (dpo-run --help)")
     stage = args.pop(stage_index)
     if stage not in STAGES:
-        _fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} (dpo-run --help)")
+        _fail(f"unknown stage {stage!r}; choose one of {', '.join([*STAGES, *COMMANDS])} (dpo-run --help)")
+    if "-h" in args or "--help" in args:
+        print(stage_help(stage))
+        return
+    if "--hydra-help" in args:  # Hydra composes its own help without the app's config: no overrides
+        sys.argv = [sys.argv[0], "--hydra-help"]
+        return _hydra_main()
     overrides = [*_overrides(args), f"stage={stage}"]
     flags = [arg for arg in args if arg not in overrides]
-    preflight(overrides)
+    multirun = "-m" in flags or "--multirun" in flags
+    if multirun and any(f in flags for f in ("--cfg", "-c", "--info", "-i")):
+        _fail("--cfg and --info show one job's config: drop -m, and give one value of each swept key")
+    first = preflight(overrides)
+    if multirun and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
+        exclude = OmegaConf.load(conf_dir() / "config.yaml").hydra.job.config.override_dirname.exclude_keys
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra")])
+        sweep_dir = Path(first.output_root) / first.exp_name / stage / sweep_dir_name(parsed, list(exclude))
+        overrides.append("hydra.sweep.dir='" + str(sweep_dir).replace("\\", "\\\\").replace("'", "\\'") + "'")
     # Overrides first, flags after: argparse cannot collect overrides split around `--cfg job`.
     sys.argv = [sys.argv[0], *overrides, *flags]
     _hydra_main()

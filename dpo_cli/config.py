@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,10 @@ class ModelConfig:
 
     @staticmethod
     def problems(m: DictConfig) -> list[str]:
-        return at_least("model.", m, 1, "tiny_hidden_size", "tiny_num_layers")
+        p = at_least("model.", m, 1, "tiny_hidden_size", "tiny_num_layers")
+        if m.dtype not in ("float32", "bfloat16", "float16"):
+            p.append(f"model.dtype={m.dtype}: choose float32, bfloat16 or float16")
+        return p
 
 
 @dataclass
@@ -343,7 +347,14 @@ def _deepspeed_problems(t: DictConfig, world: int) -> list[str]:
 @dataclass
 class LoggerConfig:
     name: LoggerName = LoggerName.wandb
-    """wandb | none. metrics.jsonl and config.yaml are always written to the run dir."""
+    """wandb | tensorboard (event files in the run dir's tensorboard/) | none. metrics.jsonl and config.yaml
+    are always written to the run dir."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (the run dir's tensorboard/) beside wandb (logger=wandb_tensorboard
+    sets it)."""
+    verbose: bool = False
+    """Show the libraries' own output (transformers' loading bars, wandb's run summary); the default
+    console is one line per eval point and a closing summary."""
     project: str = "dpo-cli"
     """wandb project."""
     entity: str | None = None
@@ -378,7 +389,8 @@ class Config:
     exp_name: str = "default"
     """Experiment name: run dirs live under outputs/<exp_name>/ and DPO finds its SFT model there."""
     run_name: str = MISSING
-    """Run dir name inside outputs/<exp_name>/<stage>/; defaults to your overrides (override_dirname)."""
+    """Run dir name inside outputs/<exp_name>/<stage>/; defaults to your overrides, as `beta-0.5_loss-ipo`
+    (`key-value` joined by `_`, so that a path inside it can be passed back as an override)."""
     output_root: str = "outputs"
     """Root of all run dirs (relative to the working directory)."""
     seed: int = 0
@@ -465,11 +477,17 @@ def _output_root_problems(output_root: str) -> list[str]:
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
-# The default run name is Hydra's override_dirname ("beta=0.05,loss=ipo"); "/" in a value (a path) would
-# nest directories, and no overrides at all means "default".
-OmegaConf.register_new_resolver(
-    "run_name_from", lambda overrides: str(overrides).replace("/", "_") or "default", replace=True
-)
+
+
+# The default run name is Hydra's override_dirname, written `beta-0.05_loss-ipo` (conf/config.yaml sets its
+# separators): a path inside a run dir can then be passed back as an override (`checkpoint=.../final`),
+# which "=" and "," would break in Hydra's grammar. No overrides at all: "default".
+def run_dir_name(override_dirname: str) -> str:
+    """Keep what both Hydra's grammar (unquoted) and the shell take as-is; anything else becomes "_"."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(override_dirname)) or "default"
+
+
+OmegaConf.register_new_resolver("run_name_from", run_dir_name, replace=True)
 # `${stage_in:${stage},sft,winrate}`: true in those stages (conf/data/tldr.yaml picks its demonstrations).
 OmegaConf.register_new_resolver("stage_in", lambda stage, *stages: stage in stages, replace=True)
 
@@ -511,3 +529,72 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         p.append(f"loss=sft belongs to `dpo-run sft`; preference stages take one of {preference}")
     if p:
         raise ConfigError("; ".join(p))
+
+
+# What each stage reads: its config.yaml, wandb config and `dpo-run STAGE --help` show these keys only
+# (a dotted key: that key of its group). A stage missing here shows everything.
+_EVERY_STAGE = (
+    "stage",
+    "exp_name",
+    "run_name",
+    "output_root",
+    "seed",
+    "overwrite",
+    "resume",
+    "debug",
+    "model",
+)
+_SAMPLES = ("eval", "reward", "data")
+STAGE_READS: dict[str, tuple[str, ...]] = {
+    "sft": (*_EVERY_STAGE, "lr", "beta", "loss", "trainer", "peft", "logger", *_SAMPLES),
+    "dpo": (*_EVERY_STAGE, "lr", "beta", "sft_checkpoint", "loss", "trainer", "peft", "ref", "logger",
+            *_SAMPLES),
+    "eval": (*_EVERY_STAGE, "checkpoint", "sft_checkpoint", "trainer.device", "trainer.num_threads",
+             "logger", *_SAMPLES),
+    "prefs": (*_EVERY_STAGE, "checkpoint", "sft_checkpoint", "prefs", "reward", "trainer.device",
+              "trainer.num_threads"),
+    "winrate": (*_EVERY_STAGE, "checkpoint", "sft_checkpoint", "temperatures", "baseline", "method", "n",
+                "winrate", "judge", "reward", "data", "trainer.device", "trainer.num_threads", "logger"),
+}  # fmt: skip
+
+
+def stage_view(cfg: DictConfig | dict, stage: str | None = None) -> dict:
+    """The resolved config as a plain dict, less what `stage` (default: cfg's) does not read."""
+    full = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    reads = STAGE_READS.get(str(stage or full.get("stage")))
+    if reads is None:
+        return full
+    view: dict = {}
+    for key in reads:
+        group, _, sub = key.partition(".")
+        if group not in full:
+            continue
+        if sub:
+            view.setdefault(group, {})[sub] = full[group][sub]
+        else:
+            view[group] = full[group]
+    return view | {k: v for k, v in full.items() if k not in Config.__dataclass_fields__}  # e.g. provenance
+
+
+def field_docs() -> dict[tuple[str, str], str]:
+    """(schema class name, field name) -> the field's docstring, read from the source of the schema
+    modules (Python keeps no docstrings of attributes)."""
+    import ast
+    import inspect
+    import sys
+
+    docs = {}
+    for module in (sys.modules[__name__], sys.modules[EvalConfig.__module__]):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for field_node, doc in zip(node.body, node.body[1:], strict=False):
+                if (
+                    isinstance(field_node, ast.AnnAssign)
+                    and isinstance(field_node.target, ast.Name)
+                    and isinstance(doc, ast.Expr)
+                    and isinstance(doc.value, ast.Constant)
+                    and isinstance(doc.value.value, str)
+                ):
+                    docs[node.name, field_node.target.id] = " ".join(doc.value.value.split())
+    return docs

@@ -158,16 +158,37 @@ class FrontierEvaluator:
 
 
 def best_of_n(evaluator: FrontierEvaluator, model: PreTrainedModel, n: int) -> dict[str, float]:
-    """Best-of-N baseline: N samples per prompt, keep the highest reward. Its KL to the sampling model has
-    the closed form log(N) - (N - 1) / N (Stiennon et al. 2020, App. G; exact without reward ties)."""
-    _, rewards = evaluator.sample_and_score(model, n)
-    best = rewards.view(-1, n).max(-1).values
-    reward, reward_se = mean_and_se(best)
+    """Best-of-N baseline: N samples per prompt from `model`, keep the highest reward.
+
+    Its KL to the sampling model has the closed form log(N) - (N - 1) / N (Stiennon et al. 2020, App. G;
+    exact without reward ties). The frontier's axis is the KL to the reference, and for y ~ best-of-N,
+    log p_bon(y) - log pi_ref(y) = [log p_bon(y) - log pi(y)] + [log pi(y) - log pi_ref(y)], so
+    KL(bon || ref) = KL(bon || pi) + E_bon[log pi - log pi_ref]: the closed form plus the mean log-ratio of
+    the kept samples (0 when `model` is the reference itself)."""
+    samples, rewards = evaluator.sample_and_score(model, n)
+    best_index = rewards.view(-1, n).argmax(-1) + torch.arange(len(rewards) // n) * n
+    reward, reward_se = mean_and_se(rewards[best_index])
+    kl_to_sampler = math.log(n) - (n - 1) / n
+    log_ratio = 0.0
+    if model is not evaluator.reference:
+        kept = Samples(
+            prompts=[samples.prompts[i] for i in best_index.tolist()],
+            completions=[samples.completions[i] for i in best_index.tolist()],
+            prompt_ids=[samples.prompt_ids[i] for i in best_index.tolist()],
+            completion_ids=[samples.completion_ids[i] for i in best_index.tolist()],
+        )
+        pad = evaluator.tokenizer.pad_token_id
+        log_ratio = (
+            (completion_logps(model, kept, pad)[0] - completion_logps(evaluator.reference, kept, pad)[0])
+            .mean()
+            .item()
+        )
     return {
         "eval/bon_n": n,
         "eval/bon_reward": reward,
         "eval/bon_reward_se": reward_se,
-        "eval/bon_kl": math.log(n) - (n - 1) / n,
+        "eval/bon_kl": kl_to_sampler + log_ratio,
+        "eval/bon_kl_to_sampler": kl_to_sampler,
     }
 
 

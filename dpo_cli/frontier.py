@@ -3,7 +3,10 @@
 A "frontier point" is one `metrics.jsonl` line with `eval/kl` (sequence-level KL(pi || pi_ref), nats) and
 `eval/reward` (mean true reward). `gather_points` collects them from run dirs or any parents of run dirs,
 `write_frontier` writes `frontier.csv` and `frontier.png`, `FrontierCallback` does both at the end of a
-Hydra multirun (and logs them to wandb), and `main` is `scripts/plot_frontier.py`.
+Hydra multirun (and logs them to wandb), and `main` is `dpo-run plot` (also the win-rate figure).
+
+A run's label is its method and hyperparameter (`run_label`), plus the keys whose values tell it apart
+from the other runs of that label (`lr=1e-05`, `seed=1`): two runs never share a label by accident.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli.logging import wandb_mode
+from dpo_cli.logging import wandb_group, wandb_mode
 
 COLUMNS = [
     "run_dir",
@@ -73,12 +76,78 @@ def run_label(cfg: DictConfig) -> str:
     return f"{method} beta={beta:g}" if beta is not None else method
 
 
+# Keys that say where or how a run ran, not what it trained: never part of a label.
+_NOT_LABELS = ("run_name", "output_root", "exp_name", "resume", "overwrite", "debug", "logger",
+               "trainer.device", "trainer.num_threads", "trainer.num_processes", "ref", "provenance",
+               "stage")  # fmt: skip
+
+
+def flat_config(config: DictConfig | dict) -> dict[str, Any]:
+    """`{"trainer.max_steps": 80, ...}` of a run's config.yaml."""
+    tree = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(tree, "")
+    return flat
+
+
+def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """The keys (of `flat_config`s) whose values are not the same in all `configs`, in key order."""
+    keys = sorted({k for c in configs for k in c})
+    return [
+        k
+        for k in keys
+        if not any(k == n or k.startswith(n + ".") for n in _NOT_LABELS)
+        and len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1
+    ]
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def distinct_labels(configs: dict[Path, DictConfig]) -> dict[Path, str]:
+    """run dir -> label: `run_label`, plus the keys that differ between the runs sharing that label (their
+    values); runs alike in every key get their dir's name."""
+    base = {d: run_label(c) for d, c in configs.items()}
+    labels = {}
+    for label in set(base.values()):
+        dirs = [d for d in configs if base[d] == label]
+        flats = {d: flat_config(configs[d]) for d in dirs}
+        keys = [k for k in differing_keys(list(flats.values())) if f"{k.removeprefix('loss.')}=" not in label]
+        for d in dirs:
+            extra = " ".join(f"{k.removeprefix('loss.')}={_value(flats[d].get(k))}" for k in keys)
+            labels[d] = f"{label} {extra}".strip()
+        if len(dirs) > 1 and len({labels[d] for d in dirs}) < len(dirs):
+            labels |= {d: f"{labels[d]} ({d.name})" for d in dirs}
+    return labels
+
+
+def _sampler_label(config: DictConfig) -> str:
+    """Which model an `eval` run's Best-of-N points were drawn from: the SFT model, or the checkpoint (its
+    run's label when it is a run's final/)."""
+    checkpoint = OmegaConf.select(config, "checkpoint", default=None)
+    if not checkpoint:
+        return "sft"
+    run_config = Path(checkpoint).parent / "config.yaml"
+    return run_label(OmegaConf.load(run_config)) if run_config.is_file() else Path(checkpoint).parent.name
+
+
 def _method(label: str) -> str:
     return "best-of-N" if label.startswith("best-of-N") else label.split(" ")[0]
 
 
-def _points_of_line(line: dict[str, Any], label: str) -> list[dict[str, Any]]:
-    """The frontier points one metrics line carries: a policy eval point and/or a Best-of-N point."""
+def _points_of_line(line: dict[str, Any], label: str, sampler: str | None = None) -> list[dict[str, Any]]:
+    """The frontier points one metrics line carries: a policy eval point and/or a Best-of-N point. A
+    Best-of-N point sits at its KL to the reference; an older line drawn from another model than the
+    reference (`sampler` not "sft") has only its KL to that model: its KL is left empty (own panel)."""
     points = []
     if line.get("eval/kl") is not None and line.get("eval/reward") is not None:
         points.append(
@@ -95,10 +164,11 @@ def _points_of_line(line: dict[str, Any], label: str) -> list[dict[str, Any]]:
             }
         )
     if line.get("eval/bon_kl") is not None and line.get("eval/bon_reward") is not None:
+        kl_known = "eval/bon_kl_to_sampler" in line or sampler in (None, "sft")
         points.append(
             {
-                "label": f"best-of-N N={line.get('eval/bon_n')}",
-                "kl": line["eval/bon_kl"],
+                "label": f"best-of-N N={line.get('eval/bon_n')}" + (f" of {sampler}" if sampler else ""),
+                "kl": line["eval/bon_kl"] if kl_known else None,
                 "kl_se": None,
                 "reward": line["eval/bon_reward"],
                 "reward_se": line.get("eval/bon_reward_se"),
@@ -119,21 +189,24 @@ def gather_points(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     eval; every Best-of-N N is its own label).
     """
     files = sorted({f.resolve() for d in run_dirs for f in Path(d).rglob("metrics.jsonl")})
+    # Not a run dir without config.yaml (no way to label it); SFT runs: their KL is to the pre-SFT model,
+    # not to the SFT reference of the rest.
+    configs = {
+        f.parent: OmegaConf.load(f.parent / "config.yaml")
+        for f in files
+        if (f.parent / "config.yaml").is_file()
+    }
+    configs = {d: c for d, c in configs.items() if c.get("stage") != "sft"}
+    labels = distinct_labels(configs)
     rows: list[dict[str, Any]] = []
-    for metrics_file in files:
-        config_file = metrics_file.parent / "config.yaml"
-        if not config_file.is_file():  # not a run dir (no way to label it)
-            continue
-        config = OmegaConf.load(config_file)
-        if config.get("stage") == "sft":  # its KL is to the pre-SFT model, not the SFT reference of the rest
-            continue
-        label = run_label(config)
-        with metrics_file.open() as f:
+    for run_dir, config in configs.items():
+        sampler = _sampler_label(config) if config.get("stage") == "eval" else None
+        with (run_dir / "metrics.jsonl").open() as f:
             lines = [json.loads(line) for line in f if line.strip()]
         run_rows = [
-            {"run_dir": str(metrics_file.parent), "method": _method(p["label"]), "step": line["step"], **p}
+            {"run_dir": str(run_dir), "method": _method(p["label"]), "step": line["step"], **p}
             for line in lines
-            for p in _points_of_line(line, label)
+            for p in _points_of_line(line, labels[run_dir], sampler)
         ]
         run_rows.sort(key=lambda r: r["step"])  # stable: equal steps keep file order
         last_index = {r["label"]: i for i, r in enumerate(run_rows)}
@@ -186,9 +259,21 @@ def write_frontier(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) ->
         writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
 
     styles = _label_styles(row["label"] for row in rows)
-    fig, ax = plt.subplots(figsize=(10, 6))
+    unknown_kl = [row for row in rows if row["kl"] is None]
+    if unknown_kl:  # Best-of-N of another model than the reference, from an older eval: its own panel
+        fig, (ax, side) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [3, 1]})
+        for row in unknown_kl:
+            colour, marker = styles[row["label"]]
+            n = int(re.search(r"N=(\d+)", row["label"]).group(1))
+            side.errorbar([n], [row["reward"]], yerr=[row["reward_se"] or 0.0], color=colour, marker=marker)
+        side.set_xscale("log", base=2)
+        side.set_xlabel("N (KL to the reference unknown)")
+        side.set_title("Best-of-N of another model", fontsize=10)
+        side.grid(True, alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(10, 6))
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:  # one line per (run, label), in step order
+    for row in (r for r in rows if r["kl"] is not None):  # one line per (run, label), in step order
         series.setdefault((row["run_dir"], row["label"]), []).append(row)
     for (_, label), points in series.items():
         points = sorted(points, key=lambda r: r["step"])
@@ -263,19 +348,22 @@ class FrontierCallback(Callback):
         print(_summary(rows, csv_path, png_path))
         if config.logger.name == "wandb":
             _log_to_wandb(config, rows, png_path, sweep_dir, title)
+        print(f"next: dpo-run runs {sweep_dir}   (each job's overrides, final metrics and status)")
 
 
 def _log_to_wandb(config: DictConfig, rows: list[dict], png_path: Path, sweep_dir: Path, title: str) -> None:
-    """One wandb run of job_type "frontier" in the experiment's group: table, scatter chart and the PNG."""
+    """One wandb run of job_type "frontier" in the sweep's group: table, scatter chart and the PNG."""
     import wandb
 
+    group = wandb_group(config, sweep_dir)
     run = wandb.init(
         project=config.logger.project,
         entity=config.logger.entity,
-        group=config.exp_name,
+        group=group,
         job_type="frontier",
-        name=f"{config.exp_name}/frontier",
-        dir=str(sweep_dir),
+        name=f"{group}/frontier",
+        tags=["frontier", f"sweep:{sweep_dir.name}"],
+        dir=str(config.output_root) if "output_root" in config else str(sweep_dir),
         mode=wandb_mode(config.logger.mode),
     )
     table = wandb.Table(columns=COLUMNS, data=[[row[k] for k in COLUMNS] for row in rows])
@@ -290,19 +378,30 @@ def _log_to_wandb(config: DictConfig, rows: list[dict], png_path: Path, sweep_di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`scripts/plot_frontier.py DIR [DIR ...] [--out OUT_DIR] [--title T]`: one figure for all DIRs."""
+    """`dpo-run plot DIR [DIR ...] [--out OUT_DIR] [--title T]`: the frontier of every run below DIRs on one
+    figure (frontier.csv/png), and the win rates of every winrate run below them (winrate.csv/png)."""
+    from dpo_cli.stages.winrate import gather_winrates, write_winrate_csv, write_winrate_png
+
     parser = argparse.ArgumentParser(
-        prog="plot_frontier.py",
-        description="Reward vs KL frontier of every run below DIRs (run dirs, sweep dirs or parents).",
+        prog="dpo-run plot",
+        description="Reward vs KL frontier and win rates of every run below DIRs (run dirs, sweep dirs or "
+        "parents).",
     )
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
     parser.add_argument("--out", type=Path, default=Path("."), help="output dir (default: current dir)")
-    parser.add_argument("--title", default="Reward vs KL frontier", help="figure title")
+    parser.add_argument("--title", default=None, help="figure title")
     args = parser.parse_args(argv)
-    rows = gather_points(args.dirs)
-    if not rows:
-        print(f"plot_frontier: no eval points (eval/kl) under {' '.join(map(str, args.dirs))}")
+    rows, winrates = gather_points(args.dirs), gather_winrates(args.dirs)
+    if not rows and not winrates:
+        print(f"plot: no eval points (eval/kl) or winrate.csv under {' '.join(map(str, args.dirs))}")
         return 1
-    csv_path, png_path = write_frontier(rows, args.out, args.title)
-    print(_summary(rows, csv_path, png_path))
+    if rows:
+        csv_path, png_path = write_frontier(rows, args.out, args.title or "Reward vs KL frontier")
+        print(_summary(rows, csv_path, png_path))
+    if winrates:
+        args.out.mkdir(parents=True, exist_ok=True)
+        csv_path = write_winrate_csv(winrates, args.out / "winrate.csv")
+        title = args.title or "Win rate vs sampling temperature"
+        png_path = write_winrate_png(winrates, args.out / "winrate.png", title)
+        print(f"plot: wrote {csv_path} and {png_path} ({len(winrates)} win rates)")
     return 0

@@ -327,7 +327,9 @@ class ChatJudge:
         pool = ThreadPoolExecutor(max_workers=self.cfg.max_concurrency)
         try:
             futures = {pool.submit(self._answer, *requests[index]): index for index in missing}
-            for future in tqdm(as_completed(futures), total=len(futures), desc="judging", leave=False):
+            for future in tqdm(
+                as_completed(futures), total=len(futures), desc="judging", leave=False, disable=None
+            ):
                 answers[futures[future]] = future.result()
         finally:
             # On a refused request (ConfigError) stop at once instead of sending the rest of the queue.

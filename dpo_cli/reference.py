@@ -108,7 +108,7 @@ def score_sequences(
             batches.append([])
         batches[-1] += group
     out = torch.empty(len(sequences), dtype=torch.float32)
-    for ids in tqdm(batches, desc="reference log-probs", unit="batch", leave=False):
+    for ids in tqdm(batches, desc="reference log-probs", unit="batch", leave=False, disable=None):
         examples = [TokenizedExample(sequences[i][0], (sequences[i][1],)) for i in ids]
         batch = collate(examples, pad_token_id, share_prompts=share_prompts)
         per_token, mask = model_token_logps(model, {k: v.to(device) for k, v in batch.items()})

@@ -45,7 +45,9 @@ def sample(
     torch.manual_seed(seed)
     out = Samples([], [], [], [])
     try:
-        for start in tqdm(range(0, len(prompts), batch_size_prompts), desc=desc, unit="batch", leave=False):
+        for start in tqdm(
+            range(0, len(prompts), batch_size_prompts), desc=desc, unit="batch", leave=False, disable=None
+        ):
             batch = prompts[start : start + batch_size_prompts]
             enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
             # temperature 0 is greedy decoding: one deterministic completion per prompt, repeated so the

@@ -65,6 +65,7 @@ def train(
         unit="step",
         initial=run.start_step,
         total=data.num_steps,
+        disable=None,  # no bar when the output is a file: its carriage returns would fill the log
     )
     # Ctrl-C or SIGTERM finishes the step in flight, saves a resumable checkpoint and stops (twice: at once).
     with _interruptible() as interrupted:
@@ -168,7 +169,7 @@ def evaluate(model, batches: list[Batch], objective: Objective, device: torch.de
     """Held-out loss and metrics of the stage's objective (every rank runs the same batches)."""
     model.eval()
     parts = []
-    for batch in tqdm(batches, desc="eval", unit="batch", leave=False):
+    for batch in tqdm(batches, desc="eval", unit="batch", leave=False, disable=None):
         loss, metrics = objective(model, to_device(batch, device))
         parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
     return {f"eval/{k}": v for k, v in distributed.mean_over_ranks(parts).items()}

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_cli import distributed
 from dpo_cli.checkpoints import TRAINER_STATE, check_weights, latest_resumable
 from dpo_cli.errors import ConfigError, RunStopped
+from dpo_cli.logging import closing_summary, read_metrics
 from dpo_cli.models import resolve_device
 
 LOCK_FILE = ".lock"
@@ -53,6 +54,7 @@ RESUME_MAY_CHANGE = (
     "debug",
     "output_root",
     "ref.cache_dir",
+    "provenance.",
 )
 
 
@@ -202,7 +204,10 @@ def _kept_aside(run_dir: Path) -> Iterator[None]:
     aside.mkdir()
     for path in earlier:
         os.replace(path, aside / path.name)
-    print(f"overwrite: the earlier run waits in {aside} until this run finishes")
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in earlier)
+    print(
+        f"overwrite: moved the earlier run ({names}) aside to {aside}; it is removed once this run finishes"
+    )
     try:
         yield
     except BaseException:
@@ -261,36 +266,109 @@ def _step_of_line(line: str) -> float:
         return float("inf")
 
 
+# The keys that say which records a model saw (the stage's own budgets, such as max_eval_examples, do not).
+DATA_IDENTITY = ("name", "path", "eval_path", "hub_id", "max_records")
+
+
+def data_identity(data: DictConfig | dict) -> dict:
+    return {key: data.get(key) for key in DATA_IDENTITY if data.get(key) is not None}
+
+
+def describe_data(data: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in data.items()) or "?"
+
+
 def find_sft_checkpoint(cfg: DictConfig) -> Path:
     """`sft_checkpoint=`, else the newest SFT `final/` of this experiment trained from the same model
-    preset: the policy init and reference of the preference stages, the reference of `eval`."""
+    preset on the same data (else on other data, said in one line): the policy init and reference of the
+    preference stages, the reference of `eval`."""
     if cfg.sft_checkpoint:
         return check_weights(Path(cfg.sft_checkpoint), "sft_checkpoint")
     sft_root = Path(cfg.output_root) / cfg.exp_name / "sft"
-    candidates = [
-        final
+    candidates = {
+        final: OmegaConf.load(final.parent / "config.yaml")
         for final in sft_root.rglob("final")
-        if (final / "config.json").is_file()
-        and (final.parent / "config.yaml").is_file()
-        and OmegaConf.load(final.parent / "config.yaml").model.name == cfg.model.name
-    ]
+        if (final / "config.json").is_file() and (final.parent / "config.yaml").is_file()
+    }
+    candidates = {final: c for final, c in candidates.items() if c.model.name == cfg.model.name}
     if not candidates:
         raise ConfigError(
             f"no SFT checkpoint for model={cfg.model.name} under {sft_root}: run `dpo-run sft"
             f"{'' if cfg.exp_name == 'default' else ' exp_name=' + cfg.exp_name} model={cfg.model.name}` "
             "first, or set sft_checkpoint=/path/to/checkpoint"
         )
-    return check_weights(max(candidates, key=lambda p: p.stat().st_mtime), "sft_checkpoint")
+    wanted = data_identity(cfg.data)
+    same_data = [final for final, c in candidates.items() if data_identity(c.data) == wanted]
+    newest = max(same_data or candidates, key=lambda p: p.stat().st_mtime)
+    if not same_data:
+        print(
+            f"sft_checkpoint: no SFT run on data {describe_data(wanted)}; using {newest}, trained on data "
+            f"{describe_data(data_identity(candidates[newest].data))} (set sft_checkpoint=PATH to choose)"
+        )
+    return check_weights(newest, "sft_checkpoint")
+
+
+def model_provenance(path: Path | None, cfg: DictConfig) -> dict:
+    """Where a model came from: its resolved path, a fingerprint of its files, and, for a run's `final/`
+    or checkpoint, the data, stage and loss that trained it (from that run's config.yaml)."""
+    from dpo_cli.reference import checkpoint_fingerprint
+
+    if path is None:  # the preset itself: a hub id, a package's file or the random-init tiny model
+        source = cfg.model.name_or_path or cfg.model.python_package or f"{cfg.model.name} (random init)"
+        return {"path": source, "fingerprint": None, "trained_on": None}
+    path = Path(path).resolve()
+    run_config = next(
+        (d / "config.yaml" for d in (path.parent, path.parent.parent) if (d / "config.yaml").is_file()), None
+    )
+    trained = None
+    if run_config is not None:
+        c = OmegaConf.load(run_config)
+        trained = {
+            "run_dir": str(run_config.parent),
+            "stage": c.get("stage"),
+            "loss": OmegaConf.select(c, "loss.name"),
+            "data": data_identity(c.get("data") or {}),
+        }
+    return {"path": str(path), "fingerprint": checkpoint_fingerprint(path), "trained_on": trained}
+
+
+def provenance(cfg: DictConfig, **models: Path | None) -> dict:
+    """The `provenance` section of config.yaml (and the wandb config): each named model (policy_init,
+    reference, sft_checkpoint, ...) described by `model_provenance`, and the data this run reads."""
+    described: dict = {}  # a model named twice (DPO's policy init is its reference) is hashed once
+    for path in models.values():
+        key = None if path is None else Path(path).resolve()
+        described[key] = described.get(key) or model_provenance(path, cfg)
+    return {
+        **{name: described[None if p is None else Path(p).resolve()] for name, p in models.items()},
+        "data": data_identity(cfg.data),
+    }
+
+
+def in_sweep() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def finish(run_dir: Path, next_command: str, why: str, *, carry_overrides: bool = True) -> None:
-    """Tell the user what the run wrote and what to run next (with the overrides that locate this run)."""
+    """Tell the user what the run wrote and what to run next (with the overrides that locate this run). A
+    job of a sweep names no next command: the sweep's end does (dpo_cli/frontier.py)."""
     if not distributed.is_main():
         return
     written = ", ".join(
-        sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if p.name[0] != ".")
+        sorted(
+            p.name + ("/" if p.is_dir() else "")
+            for p in run_dir.iterdir()
+            if p.name[0] != "." and not (p.suffix == ".log" and p.stat().st_size == 0)
+        )
     )
     print(f"\nwrote {run_dir}/: {written}")
+    if (run_dir / "metrics.jsonl").is_file():
+        summary = closing_summary(read_metrics(run_dir))
+        print(summary) if summary else None
+    if in_sweep():
+        return
     carried = ""
     if carry_overrides and HydraConfig.initialized():
         keep = ("exp_name", "model", "data", "output_root", "experiment")

@@ -33,7 +33,6 @@ from dpo_cli.models import load_model
 from dpo_cli.objective import make_objective
 from dpo_cli.reference import (
     cache_dir_for,
-    checkpoint_fingerprint,
     precomputed_table,
     score_sequences,
     unique_sequences,
@@ -50,7 +49,12 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     }
     *splits, eval_records = example_splits(cfg.data, views[spec.examples])
     run = rundir.prepare(cfg, run_dir)
-    print(f"dpo: policy init and reference = {sft_dir}")
+    origin = rundir.provenance(cfg, policy_init=sft_dir, reference=sft_dir)
+    trained = origin["reference"]["trained_on"]
+    print(
+        f"dpo: policy init and reference = {sft_dir} (sha256 {origin['reference']['fingerprint'][:12]}"
+        + (f", trained on data {rundir.describe_data(trained['data'])})" if trained else ")")
+    )
     policy, tokenizer = load_model(
         cfg.model, seed=cfg.seed, checkpoint=sft_dir, quantization=adapters.quantization(cfg)
     )
@@ -78,7 +82,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     if cfg.ref.precompute:
         numerics = f"{cfg.model.dtype}|{run.device.type}|{cfg.trainer.engine}"
         numerics += "|nf4" if cfg.peft.name == "qlora" else ""  # the 4-bit base scores differently
-        cache = cache_dir_for(Path(cfg.ref.cache_dir), checkpoint_fingerprint(sft_dir), numerics)
+        cache = cache_dir_for(Path(cfg.ref.cache_dir), origin["reference"]["fingerprint"], numerics)
     ref_table = None
     if scored:
         reference = (lambda: ref_model) if ref_model is not None else load_reference
@@ -99,7 +103,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         share_prompts=share,
     )
 
-    logger = RunLogger(cfg, run_dir)
+    logger = RunLogger(cfg, run_dir, origin)
     frontier = (
         None
         if ref_model is None

@@ -30,13 +30,13 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     reference.to(device).eval()
     policy = (
         reference
-        if checkpoint == reference_dir
+        if checkpoint.resolve() == reference_dir.resolve()
         else load_model(cfg.model, seed=cfg.seed, checkpoint=checkpoint)[0]
     )
     policy.to(device).eval()
 
     _, held_out = load_splits(cfg.data)
-    logger = RunLogger(cfg, run_dir)
+    logger = RunLogger(cfg, run_dir, rundir.provenance(cfg, policy=checkpoint, reference=reference_dir))
     frontier = make_frontier(cfg, held_out, tokenizer, reference, run_dir)
     metrics, rows = frontier(policy, 0)
     logger.log_samples(rows, 0)
@@ -46,12 +46,13 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         point = best_of_n(frontier, policy, n)
         logger.log(point, step=0)
         print(
-            f"best-of-{n}: reward {point['eval/bon_reward']:.4f} +/- {point['eval/bon_reward_se']:.4f}, "
-            f"KL {point['eval/bon_kl']:.4f}"
+            f"best-of-{n} of {checkpoint}: reward {point['eval/bon_reward']:.4f} +/- "
+            f"{point['eval/bon_reward_se']:.4f}, KL to the reference {point['eval/bon_kl']:.4f}"
         )
     logger.close()
     rundir.finish(
         run_dir,
-        "python scripts/plot_frontier.py outputs/",
+        f"dpo-run plot {Path(cfg.output_root) / cfg.exp_name}",
         "every eval point of the experiment on one figure",
+        carry_overrides=False,
     )

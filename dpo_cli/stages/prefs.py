@@ -12,10 +12,12 @@ import shlex
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from dpo_cli.checkpoints import replaced_atomically
+from dpo_cli.checkpoints import check_weights, replaced_atomically
+from dpo_cli.config import stage_view
 from dpo_cli.data import SHIPPED_OPENINGS, json_rows
+from dpo_cli.engine.rundir import provenance
 from dpo_cli.errors import ConfigError
 from dpo_cli.models import load_model, resolve_device
 from dpo_cli.rewards import make_reward_fn
@@ -29,10 +31,23 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     if output_path.exists():
         raise ConfigError(f"prefs.output_path={output_path} exists; move it away or choose another path")
     prompt_records = read_jsonl_prompts(prompts_path)[: p.max_prompts]
+    # The model sampled from: checkpoint= (as in eval and winrate) or sft_checkpoint=, else the preset.
+    if cfg.checkpoint and cfg.sft_checkpoint and cfg.checkpoint != cfg.sft_checkpoint:
+        raise ConfigError(
+            f"prefs samples from one model: checkpoint={cfg.checkpoint} and sft_checkpoint="
+            f"{cfg.sft_checkpoint} differ; pass one of them"
+        )
+    source = cfg.checkpoint or cfg.sft_checkpoint
+    checkpoint = (
+        check_weights(Path(source), "checkpoint" if cfg.checkpoint else "sft_checkpoint") if source else None
+    )
 
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=cfg.sft_checkpoint)
+    origin = provenance(cfg, sampled_from=checkpoint)
+    print(f"prefs: sampling from {origin['sampled_from']['path']}")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(stage_view(cfg) | {"provenance": origin}))
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed, checkpoint=checkpoint)
     device = resolve_device(cfg.trainer.device)
     model.to(device)
     reward_fn = make_reward_fn(cfg.reward, device)

@@ -39,7 +39,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     eval_batches = make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
     data = training_data(cfg, train, eval_batches, tokenizer.pad_token_id, start_step=run.start_step)
 
-    logger = RunLogger(cfg, run_dir)
+    logger = RunLogger(cfg, run_dir, rundir.provenance(cfg, starting_model=None))
     frontier = make_frontier(cfg, eval_records, tokenizer, initial_model, run_dir)
     backend = Backend(
         cfg, model, tokenizer, run.device, load_base=lambda: load_model(cfg.model, seed=cfg.seed)[0]

@@ -10,7 +10,7 @@ here, dpo_cli/judge.py) compare each sample with the baseline: the reference sum
     judgments.jsonl   every comparison: temperature, prompt, both texts, each order's raw answer and winner,
                       the outcome (win / loss / tie / unparseable / error)
     winrate.csv       one row per temperature: win rate, 95% Wilson interval, the count of every outcome
-    winrate.png       win rate vs temperature with the intervals (scripts/plot_winrate.py: many runs)
+    winrate.png       win rate vs temperature with the intervals (`dpo-run plot DIR`: many runs)
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     label = checkpoint_label(checkpoint, cfg.method, cfg.n)
     method = f"best_of_{cfg.n}" if cfg.method == "best_of_n" else "policy"
 
-    logger = RunLogger(cfg, run_dir)
+    logger = RunLogger(cfg, run_dir, rundir.provenance(cfg, policy=checkpoint))
     rows, judgment_rows = [], []
     with (run_dir / "samples.jsonl").open("w") as samples_file:
         for step, temperature in enumerate(cfg.temperatures):
@@ -324,10 +324,11 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         rows, run_dir / "winrate.png", f"{label} vs {baseline_name} (judge: {judge_name})"
     )
     stats = judge.stats
-    print(
-        f"judge: {stats['requests']} requests sent ({stats['retries']} retries), "
-        f"{stats['cache_hits']} answers from the cache"
-    )
+    if cfg.judge.name != "reward":  # a reward judge sends no requests
+        print(
+            f"judge: {stats['requests']} requests sent ({stats['retries']} retries), "
+            f"{stats['cache_hits']} answers from the cache"
+        )
     if any(row["errors"] for row in rows):
         print(
             "judge: some comparisons got no answer after the retries (see `errors` in judgments.jsonl); "
@@ -338,7 +339,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     print(f"winrate: wrote {csv_path} and {png_path}")
     rundir.finish(
         run_dir,
-        "python scripts/plot_winrate.py outputs/",
+        f"dpo-run plot {cfg.output_root}",
         "every checkpoint's win rates on one figure",
         carry_overrides=False,
     )
