@@ -46,6 +46,11 @@ def test_every_stage_has_a_config_file():
         (["sft", "exp_name=café"], ["cannot parse the override 'exp_name=café'", "exp_name='café'"]),
         (["sft", "run_name=../../../x"], ["run_name=../../../x: must be a plain directory name"]),
         (["sft", "trainer.max_grad_norm=-1"], ["trainer.max_grad_norm=-1.0", "null for no clipping"]),
+        # Issue 21 (8): a key the schema lacks, added with +, was taken and ignored; a bad dtype failed only
+        # after the run dir existed. Issue 21 (5): -m with --cfg job was a traceback.
+        (["dpo", "+trainer.logging_steps=5"], ["no stage reads 'trainer.logging_steps'", "eval_every_steps"]),
+        (["dpo", "model.dtype=bf16"], ["model.dtype=bf16", "float32, bfloat16 or float16"]),
+        (["-m", "dpo", "beta=0.1,1", "--cfg", "job"], ["--cfg and --info show one job's config", "drop -m"]),
     ],
 )
 def test_bad_input_fails_in_one_line(argv, words, capsys):
@@ -80,7 +85,9 @@ def test_every_shipped_yaml_composes_and_validates(stage, group, option):
     validate(cfg)
     assert cfg.stage == stage
     selected_by = {"trainer": None, "experiment": None, "reward": None}.get(group, "name")
-    if selected_by:
+    if (group, option) == ("logger", "wandb_tensorboard"):  # both loggers at once
+        assert cfg.logger.name == "wandb" and cfg.logger.tensorboard
+    elif selected_by:
         assert cfg[group][selected_by] == option
     if group == "trainer":  # single, or DeepSpeed ZeRO at the stage the file names
         assert cfg.trainer.engine == ("single" if option == "single" else "deepspeed")
