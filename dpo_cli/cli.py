@@ -218,7 +218,8 @@ def sweep_dir_name(parsed, exclude_keys: list[str]) -> str:
     swept, fixed = [], []
     for o in parsed:
         key = o.get_key_element()
-        if key.lstrip("+~") in exclude_keys or key.startswith("hydra"):
+        # A run_name pattern stays in: a sweep that names its jobs differently is another series.
+        if (key.lstrip("+~") in exclude_keys and key != "run_name") or key.startswith("hydra"):
             continue
         if o.is_sweep_override():
             swept.append(key)

@@ -52,7 +52,7 @@ def wandb_group(cfg: DictConfig, sweep_dir: Path | None = None) -> str:
             sweep_dir = Path(HydraConfig.get().sweep.dir)
     if sweep_dir is None:
         return str(cfg.exp_name)
-    return f"{cfg.exp_name}/{cfg.stage}/{Path(sweep_dir).name}"
+    return f"{cfg.exp_name}/{OmegaConf.select(cfg, 'stage', default='sweep')}/{Path(sweep_dir).name}"
 
 
 def wandb_tags(cfg: DictConfig, group: str) -> list[str]:

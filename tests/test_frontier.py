@@ -140,8 +140,8 @@ def test_gather_points_best_of_n_lines(tmp_path):
     rows = gather_points([run_dir])
     assert [(r["label"], r["method"], r["kl"], r["is_final"]) for r in rows] == [
         ("eval bon", "eval", 1.0, True),
-        ("best-of-N N=4", "best-of-N", 0.8, True),
-        ("best-of-N N=16", "best-of-N", 1.9, True),
+        ("best-of-N N=4 of sft", "best-of-N", 0.8, True),  # no checkpoint=: drawn from the SFT model
+        ("best-of-N N=16 of sft", "best-of-N", 1.9, True),
     ]
     assert rows[1]["reward_se"] is None and rows[1]["reward_delta"] is None
 
