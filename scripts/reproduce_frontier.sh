@@ -38,6 +38,6 @@ for sampling_seed in 1 2 3; do
     run_name=dpo_beta0.1_sampling_seed$sampling_seed
 done
 
-"$python" scripts/plot_frontier.py "$root/dpo" "$root/eval/sft_best_of_n" --out "$root" \
+"$python" -m dpo_cli.cli plot "$root/dpo" "$root/eval/sft_best_of_n" --out "$root" \
   --title "Reward vs KL frontier: $exp (sentiment, VADER reward)"
 "$python" scripts/summarize_results.py "$root" --wall-minutes $(( ($(date +%s) - started) / 60 ))

@@ -2,7 +2,7 @@
 
     python scripts/summarize_results.py outputs/sentiment_frontier [--wall-minutes M]
 
-Reads the experiment's frontier.csv (written by scripts/plot_frontier.py) and its run dirs; writes
+Reads the experiment's frontier.csv (written by `dpo-run plot`) and its run dirs; writes
 <root>/results.md (final point of every run with fluency, seed spreads, wall time) and
 <root>/learning_curves.png (train reward accuracy and eval reward over steps), and prints results.md.
 """

@@ -228,28 +228,6 @@ def gather_winrates(dirs: Iterable[Path]) -> list[dict[str, Any]]:
     return [row for f in files for row in read_winrate_csv(f)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`scripts/plot_winrate.py DIR [DIR ...] [--out OUT_DIR] [--title T]`: every checkpoint on one figure."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="plot_winrate.py", description="Win rate vs temperature of every winrate run below DIRs."
-    )
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
-    parser.add_argument("--out", type=Path, default=Path("."), help="output dir (default: current dir)")
-    parser.add_argument("--title", default="Win rate vs sampling temperature", help="figure title")
-    args = parser.parse_args(argv)
-    rows = gather_winrates(args.dirs)
-    if not rows:
-        print(f"plot_winrate: no winrate.csv under {' '.join(map(str, args.dirs))}")
-        return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = write_winrate_csv(rows, args.out / "winrate.csv")
-    png_path = write_winrate_png(rows, args.out / "winrate.png", args.title)
-    print(f"plot_winrate: wrote {csv_path} and {png_path} ({len(rows)} rows)")
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------
