@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import distributed
-from dpo_cli.config import Config, conf_dir, run_dir_name, validate
+from dpo_cli.config import Config, conf_dir, run_dir_name, stage_view, validate
 from dpo_cli.errors import ConfigError, RunStopped
 
 # name -> (module with `run(cfg, run_dir)`, one-line description). The help text is generated from this.
@@ -81,7 +81,7 @@ def help_text() -> str:
         "  dpo-run dpo beta=0.1",
         "  dpo-run dpo loss=unlikelihood loss.alpha=0.5",
         "  dpo-run -m dpo beta=0.05,0.1,1,5",
-        "  dpo-run dpo --cfg job          # print the composed config and exit",
+        "  dpo-run dpo --cfg job          # print the stage's composed config and exit",
         "  dpo-run runs                   # what has run under outputs/",
         "  dpo-run plot outputs/default   # every eval point of the experiment on one figure",
         "",
@@ -372,6 +372,11 @@ def main(argv: list[str] | None = None) -> None:
     if multirun and any(f in flags for f in ("--cfg", "-c", "--info", "-i")):
         _fail("--cfg and --info show one job's config: drop -m, and give one value of each swept key")
     first = preflight(overrides)
+    cfg_flag = next((flags[i + 1] for i, f in enumerate(flags[:-1]) if f in ("--cfg", "-c")), None)
+    if cfg_flag == "job" and not {"--package", "-p", "--resolve"} & set(flags):
+        # The stage's keys only (what config.yaml will hold), unresolved as Hydra prints them.
+        print(OmegaConf.to_yaml(stage_view(OmegaConf.to_container(first, resolve=False, enum_to_str=True))))
+        return
     if multirun and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
         exclude = OmegaConf.load(conf_dir() / "config.yaml").hydra.job.config.override_dirname.exclude_keys
         parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra")])

@@ -72,3 +72,11 @@ def test_shell_completion_installs_and_completes_stages_and_keys(capsys, monkeyp
         capsys.readouterr().out.split()
     )
     assert os.environ["COMP_LINE"].startswith("dpo-run stage=eval")
+
+
+def test_cfg_job_prints_the_stages_keys_only(capsys):
+    """Issue 21 (5): every stage's config showed the win-rate keys."""
+    main(["eval", "model=tiny", "--cfg", "job"])
+    out = capsys.readouterr().out
+    assert "stage: eval" in out and "checkpoint: null" in out and "best_of_n:" in out
+    assert "judge:" not in out and "winrate:" not in out and "prefs:" not in out and "loss:" not in out

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli import distributed
 from dpo_cli.checkpoints import TRAINER_STATE, check_weights, latest_resumable
+from dpo_cli.config import stage_view
 from dpo_cli.errors import ConfigError, RunStopped
 from dpo_cli.logging import closing_summary, read_metrics
 from dpo_cli.models import resolve_device
@@ -106,7 +107,7 @@ def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
     if not (run_dir / "config.yaml").is_file():
         return
     before = dict(_flat(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))))
-    now = dict(_flat(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)))
+    now = dict(_flat(stage_view(cfg)))  # config.yaml holds what the stage reads
     changed = [
         f"{key}={before.get(key, '(absent)')} (now {now.get(key, '(absent)')})"
         for key in sorted(before.keys() | now.keys())
