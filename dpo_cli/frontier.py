@@ -84,7 +84,7 @@ _NOT_LABELS = ("run_name", "output_root", "exp_name", "resume", "overwrite", "de
 
 def flat_config(config: DictConfig | dict) -> dict[str, Any]:
     """`{"trainer.max_steps": 80, ...}` of a run's config.yaml."""
-    tree = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    tree = OmegaConf.to_container(config) if isinstance(config, DictConfig) else config
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:

@@ -34,7 +34,14 @@ def status(run_dir: Path, stage: str) -> str:
 
 def gather_runs(dirs: Sequence[Path]) -> list[dict]:
     """A row per run dir (a dir with config.yaml) below `dirs`."""
-    run_dirs = sorted({c.parent.resolve() for d in dirs for c in Path(d).rglob("config.yaml")})
+    run_dirs = sorted(
+        {
+            c.parent.resolve()
+            for d in dirs
+            for c in Path(d).rglob("config.yaml")
+            if not any(part == ".hydra" or part.startswith(".previous-") for part in c.parts)
+        }
+    )
     configs = {d: flat_config(OmegaConf.load(d / "config.yaml")) for d in run_dirs}
     rows = []
     for d in run_dirs:

@@ -26,7 +26,7 @@ TINY = ["model=tiny", "logger=none", "trainer.eval_every_steps=2", "data.max_eva
     [
         ["model=tiny", "trainer.max_steps=2"],
         ["data=jsonl", "data.path=/data/my pairs.jsonl", "eval.best_of_n=[1,4]", "beta=-1"],
-        ["+trainer.x=a=b", "run_name=x", "lr=1e-5"],
+        ["run_name=x", "lr=1e-5", "judge.base_url='http://a:1/v1'", "temperatures=[0.0,1.0]"],
         [],
     ],
 )
@@ -99,7 +99,7 @@ def test_paths_the_tool_prints_work_as_overrides(sft_runs, capsys):
     capsys.readouterr()
     main(["sft", *TINY, f"output_root={root}", "exp_name=paste", "lr=1e-5"])
     sft_dir = written_dir(capsys.readouterr().out)
-    assert "=" not in sft_dir.name and "," not in sft_dir.name and "lr-1e-05" in sft_dir.name
+    assert "=" not in sft_dir.name and "," not in sft_dir.name and "lr-1e-5" in sft_dir.name
     main(["eval", *TINY, f"output_root={root}", "exp_name=paste", f"checkpoint={sft_dir}/final",
           "eval.num_prompts=1", "eval.best_of_n=[]"])  # fmt: skip
     eval_dir = written_dir(capsys.readouterr().out)

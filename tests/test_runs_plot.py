@@ -138,7 +138,11 @@ def test_plot_without_runs_says_so(tmp_path, capsys):
 
 def test_runs_lists_stage_overrides_metrics_and_status(tmp_path, capsys, monkeypatch):
     make_run(tmp_path / "x" / "dpo" / "lr-1e-05", dpo(lr=1e-5), points(1.0, 0.3))
-    make_run(tmp_path / "x" / "dpo" / "lr-0.001", dpo(lr=1e-3), points(2.0, 0.45, step=40), final=False)
+    unfinished = make_run(
+        tmp_path / "x" / "dpo" / "lr-0.001", dpo(lr=1e-3), points(2.0, 0.45, step=40), final=False
+    )
+    (unfinished / ".hydra").mkdir()  # Hydra's own, unresolved copy: not a run
+    (unfinished / ".hydra" / "config.yaml").write_text("run_name: ${hydra:job.override_dirname}\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(["runs", "x"])

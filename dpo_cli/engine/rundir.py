@@ -201,11 +201,11 @@ def _kept_aside(run_dir: Path) -> Iterator[None]:
     if not earlier:
         yield
         return
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in earlier)
     aside = run_dir / f"{ASIDE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     aside.mkdir()
     for path in earlier:
         os.replace(path, aside / path.name)
-    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in earlier)
     print(
         f"overwrite: moved the earlier run ({names}) aside to {aside}; it is removed once this run finishes"
     )
@@ -272,7 +272,7 @@ DATA_IDENTITY = ("name", "path", "eval_path", "hub_id", "max_records")
 
 
 def data_identity(data: DictConfig | dict) -> dict:
-    return {key: data.get(key) for key in DATA_IDENTITY if data.get(key) is not None}
+    return {key: data.get(key) for key in DATA_IDENTITY if data.get(key) not in (None, "")}
 
 
 def describe_data(data: dict) -> str:
