@@ -10,6 +10,7 @@ them and the rules across groups into one error. OmegaConf does not run `__post_
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -482,9 +483,17 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 # The default run name is Hydra's override_dirname, written `beta-0.05_loss-ipo` (conf/config.yaml sets its
 # separators): a path inside a run dir can then be passed back as an override (`checkpoint=.../final`),
 # which "=" and "," would break in Hydra's grammar. No overrides at all: "default".
+MAX_RUN_DIR_NAME_CHARS = 120  # file systems allow 255 bytes; a path value can be longer on its own
+
+
 def run_dir_name(override_dirname: str) -> str:
-    """Keep what both Hydra's grammar (unquoted) and the shell take as-is; anything else becomes "_"."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(override_dirname)) or "default"
+    """Keep what both Hydra's grammar (unquoted) and the shell take as-is; anything else becomes "_". A
+    longer name is cut and ends with a hash of the whole, so that it stays unique and the same."""
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", str(override_dirname)) or "default"
+    if len(name) <= MAX_RUN_DIR_NAME_CHARS:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"{name[: MAX_RUN_DIR_NAME_CHARS - 11]}-{digest}"
 
 
 OmegaConf.register_new_resolver("run_name_from", run_dir_name, replace=True)

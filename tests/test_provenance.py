@@ -27,6 +27,7 @@ TINY = ["model=tiny", "logger=none", "trainer.eval_every_steps=2", "data.max_eva
         ["model=tiny", "trainer.max_steps=2"],
         ["data=jsonl", "data.path=/data/my pairs.jsonl", "eval.best_of_n=[1,4]", "beta=-1"],
         ["run_name=x", "lr=1e-5", "judge.base_url='http://a:1/v1'", "temperatures=[0.0,1.0]"],
+        [f"checkpoint=/{'long/' * 40}final", "eval.seed=3"],  # cut, with a hash of the whole
         [],
     ],
 )
@@ -41,6 +42,7 @@ def test_a_run_dir_name_pastes_back_into_an_override(overrides):
     for key in ("checkpoint", "sft_checkpoint", "baseline"):
         [parsed] = OverridesParser.create().parse_overrides([f"{key}=outputs/default/sft/{name}/final"])
         assert parsed.value() == f"outputs/default/sft/{name}/final"
+    assert len(name) <= 120
     if overrides[:1] == ["model=tiny"]:
         assert name == "model-tiny_trainer.max_steps-2"
 
