@@ -2,7 +2,10 @@
 
 The first bare word of argv is the stage; it becomes the override `stage=<word>` appended after the user's
 overrides, so `-m` multirun, `--cfg job` and every other Hydra flag work as usual. Before Hydra starts, the
-overrides are composed once (each sweep value too) so that a bad override fails in one line, exit code 2.
+overrides are composed once (each sweep value too) so that a bad override fails in one line, exit code 2,
+and a sweep gets its dir, named from its overrides (`sweep_dir_name`), so that it can be continued.
+`plot` and `runs` (COMMANDS) read run dirs and start no Hydra job; `STAGE --help` is generated from the
+schema; `-sc` is Hydra's shell completion, told about the stage word.
 """
 
 from __future__ import annotations

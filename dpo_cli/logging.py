@@ -8,6 +8,7 @@ summary of its first and last eval points (`closing_summary`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -59,8 +60,10 @@ def wandb_tags(cfg: DictConfig, group: str) -> list[str]:
     tags = [str(cfg.stage), f"model:{cfg.model.name}", f"data:{cfg.data.name}"]
     if cfg.stage in ("sft", "dpo"):
         tags.append(f"loss:{cfg.loss.name}")
-    if group != cfg.exp_name:
-        tags.append(f"sweep:{Path(group).name}")
+    if group != cfg.exp_name:  # wandb takes tags of at most 64 characters
+        sweep = Path(group).name
+        digest = hashlib.sha256(sweep.encode()).hexdigest()[:8]
+        tags.append(f"sweep:{sweep}" if len(sweep) <= 58 else f"sweep:{sweep[:49]}-{digest}")
     return tags
 
 

@@ -124,3 +124,13 @@ def test_finish_lists_no_empty_log_and_prints_the_summary(tmp_path, capsys):
 def test_next_hints_name_installed_commands(stage):
     source = (Path(rundir.__file__).parents[1] / "stages" / f"{stage}.py").read_text()
     assert "scripts/plot_" not in source
+
+
+def test_a_sweep_tag_fits_wandbs_64_characters(tmp_path):
+    from dpo_cli.logging import wandb_tags
+
+    cfg = config(tmp_path)
+    long_group = "default/dpo/multirun-beta_" + "trainer.eval_every_steps-2_" * 5
+    tags = wandb_tags(cfg, long_group)
+    assert all(len(tag) <= 64 for tag in tags) and tags[-1].startswith("sweep:multirun-beta_trainer.")
+    assert wandb_tags(cfg, "default/dpo/multirun-beta")[-1] == "sweep:multirun-beta"

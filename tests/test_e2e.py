@@ -131,7 +131,8 @@ def test_sweep_ends_with_a_frontier_and_wandb_has_the_points(sft_run):
     assert all(float(r["kl"]) == 0.0 for r in rows if r["step"] == "0")  # step 0: the policy is the reference
     assert (sweep / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     for job in ("frontier_0.1", "frontier_1.0"):
-        [wandb_log] = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
+        run_id = (sweep / job / "wandb_run_id").read_text()  # wandb files: <output_root>/wandb
+        [wandb_log] = (sft_run / "wandb").glob(f"offline-run-*-{run_id}/run-*.wandb")
         assert b"eval/kl" in wandb_log.read_bytes() and b"eval/reward" in wandb_log.read_bytes()
         samples = [json.loads(line) for line in (sweep / job / "samples.jsonl").open()]
         assert {s["step"] for s in samples} == {0, 2} and len(samples) == 2 * 4 * 4

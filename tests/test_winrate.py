@@ -176,7 +176,8 @@ def test_best_of_n_head_to_head_against_another_runs_samples(tldr_sft_run):
     assert not math.isnan(float(row["win_rate"]))
     judgments = [json.loads(line) for line in (run_dir / "judgments.jsonl").open()]
     assert {j["baseline"] for j in judgments} == {" great"}
-    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    run_id = (run_dir / "wandb_run_id").read_text()  # every run's wandb files are in <output_root>/wandb
+    assert list((root / "wandb").glob(f"offline-run-*-{run_id}/run-*.wandb"))
 
 
 @pytest.mark.slow
