@@ -347,6 +347,7 @@ def provenance(cfg: DictConfig, **models: Path | None) -> dict:
 
 
 def in_sweep() -> bool:
+    """Whether this run is a job of a `-m` sweep."""
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -365,9 +366,9 @@ def finish(run_dir: Path, next_command: str, why: str, *, carry_overrides: bool 
         )
     )
     print(f"\nwrote {run_dir}/: {written}")
-    if (run_dir / "metrics.jsonl").is_file():
-        summary = closing_summary(read_metrics(run_dir))
-        print(summary) if summary else None
+    summary = closing_summary(read_metrics(run_dir)) if (run_dir / "metrics.jsonl").is_file() else None
+    if summary:
+        print(summary)
     if in_sweep():
         return
     carried = ""
