@@ -134,3 +134,25 @@ def test_a_sweep_tag_fits_wandbs_64_characters(tmp_path):
     tags = wandb_tags(cfg, long_group)
     assert all(len(tag) <= 64 for tag in tags) and tags[-1].startswith("sweep:multirun-beta_trainer.")
     assert wandb_tags(cfg, "default/dpo/multirun-beta")[-1] == "sweep:multirun-beta"
+
+
+@pytest.mark.slow
+def test_a_redirected_log_has_eval_lines_and_a_summary_and_no_bars(tmp_path):
+    """Issue 21 (10): nested tqdm bars wrote carriage-return escapes into redirected logs."""
+    import os
+    import subprocess
+
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    argv = ["sft", "model=tiny", "logger=none", f"output_root={tmp_path}", "trainer.max_steps=2",
+            "trainer.eval_every_steps=1", "eval.num_prompts=2", "data.max_eval_examples=8"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "dpo_cli.cli", *argv], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = done.stdout + done.stderr
+    assert "\r" not in log and "it/s" not in log and "step/s" not in log
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("step ")] == [
+        "step 1",
+        "step 2",
+    ]
+    assert "summary: step 0 -> 2: reward" in done.stdout
