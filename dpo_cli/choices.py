@@ -76,10 +76,18 @@ class DataName(StrEnum):
     tldr = "tldr"
     shp = "shp"
     imdb = "imdb"
+    ultrafeedback = "ultrafeedback"
 
 
-HUB_DATASETS = frozenset({DataName.hh, DataName.tldr, DataName.shp, DataName.imdb})
+HUB_DATASETS = frozenset({DataName.hh, DataName.tldr, DataName.shp, DataName.imdb, DataName.ultrafeedback})
 """The adapters that read a Hugging Face dataset (dpo_cli.data.hub.HUB_ADAPTERS)."""
+
+
+class DataFormat(StrEnum):
+    """`data.format`: how a hub adapter that can give either renders its dialogues."""
+
+    text = "text"
+    chat = "chat"
 
 
 class Engine(StrEnum):
