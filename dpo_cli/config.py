@@ -34,6 +34,7 @@ from dpo_cli.choices import (
     Optimizer,
     PeftName,
     Stage,
+    TinyArchitecture,
 )
 from dpo_cli.config_stages import (
     EvalConfig,
@@ -63,6 +64,9 @@ class ModelConfig:
     """Width of the random-init `tiny` Llama (tests only)."""
     tiny_num_layers: int = 2
     """Depth of the random-init `tiny` Llama (tests only)."""
+    tiny_architecture: TinyArchitecture = TinyArchitecture.llama
+    """The `tiny` model's family (llama, qwen2, mistral, gemma2, gemma3_text, phi3, gpt_neox, gptj, gpt2):
+    the same sizes in each, for tests of every family the tool supports."""
 
     @staticmethod
     def problems(m: DictConfig) -> list[str]:

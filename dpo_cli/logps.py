@@ -81,18 +81,12 @@ def model_token_logps(
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    shared = "label_source" in batch and attention in ("sdpa", "eager")
+    shared = "label_source" in batch and shares_prompts(model)
     if shared:
-        visible = batch["prompt_attention"]
-        if attention == "eager":  # eager attention adds the mask to its scores
-            visible = torch.zeros(visible.shape, dtype=module.dtype, device=visible.device).masked_fill_(
-                ~visible, torch.finfo(module.dtype).min
-            )
         inputs = {
             "input_ids": batch["shared_input_ids"],
             "position_ids": batch["shared_position_ids"],
-            "attention_mask": visible,
+            "attention_mask": _attention_mask(module, batch["prompt_attention"]),
         }
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -130,6 +124,68 @@ def model_token_logps(
         selected = _ChunkedHeadLogps.apply(selected_hidden, head.weight, head.bias, labels[mask], rows)
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return per_token.masked_scatter(mask, selected), mask
+
+
+def shares_prompts(model: torch.nn.Module) -> bool:
+    """Whether `model` scores the shared-prompt layout exactly. Its attention must take a 4-D mask (sdpa,
+    eager; not flash attention), and, checked once per model on a small probe, its log-probs of two
+    completions after one shared prompt must equal those of each sequence run alone: a family whose
+    attention or positions ignore the layout falls back to one row per sequence, and says so once."""
+    module = getattr(model, "module", model)
+    known = getattr(module, "_shares_prompts", None)
+    if known is None:
+        attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        known = attention in ("sdpa", "eager") and _probe_shared_prompts(model)
+        module._shares_prompts = known
+        if not known:
+            print(
+                f"logps: {type(module).__name__} ({attention} attention) cannot score the shared-prompt "
+                "layout exactly; its sequences run one row each (trainer.share_prompts has no effect)"
+            )
+    return known
+
+
+def _attention_mask(module: torch.nn.Module, visible: torch.Tensor) -> torch.Tensor:
+    """The (R, 1, T, T) boolean layout as the model's attention takes it: eager attention adds the mask
+    to its scores (0 where visible, the dtype's minimum elsewhere); sdpa takes booleans."""
+    if module.config._attn_implementation != "eager":
+        return visible
+    return torch.zeros(visible.shape, dtype=module.dtype, device=visible.device).masked_fill_(
+        ~visible, torch.finfo(module.dtype).min
+    )
+
+
+@torch.no_grad()
+def _probe_shared_prompts(model: torch.nn.Module) -> bool:
+    from dpo_cli.data.batches import shared_prompt_layout
+
+    module = getattr(model, "module", model)
+    device = next(module.parameters()).device
+    vocab = module.config.vocab_size
+    prompt, completions = (3, 5, 7, 11), ((13, 17, 19), (23, 29))
+    sequences = [(tuple(t % vocab for t in prompt), tuple(t % vocab for t in c)) for c in completions]
+    rows = [torch.tensor([p + c], device=device) for p, c in sequences]
+    layout = {k: v.to(device) for k, v in shared_prompt_layout(sequences, pad_token_id=0).items()}
+    was_training = module.training
+    module.eval()
+    try:
+        logits = model(
+            input_ids=layout["shared_input_ids"],
+            position_ids=layout["shared_position_ids"],
+            attention_mask=_attention_mask(module, layout["prompt_attention"]),
+        ).logits.float()
+        # Each sequence alone: the logits at the positions that predict its completion's tokens.
+        alone = torch.cat(
+            [
+                model(input_ids=row).logits.float()[0, len(p) - 1 : len(p) + len(c) - 1]
+                for row, (p, c) in zip(rows, sequences, strict=True)
+            ]
+        )
+    finally:
+        module.train(was_training)
+    shared = logits.flatten(0, 1)[layout["label_source"]]
+    tolerance = 1e-3 if module.dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(shared.log_softmax(-1), alone.log_softmax(-1), atol=tolerance, rtol=0))
 
 
 def _transformer(model: torch.nn.Module) -> tuple[PreTrainedModel | None, contextlib.AbstractContextManager]:
