@@ -40,6 +40,7 @@ from dpo_cli.config_stages import (
     EvalConfig,
     JudgeConfig,
     PrefsConfig,
+    PreviewConfig,
     RewardConfig,
     WinrateConfig,
     at_least,
@@ -438,6 +439,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     winrate: WinrateConfig = field(default_factory=WinrateConfig)
@@ -522,6 +524,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         *RewardConfig.problems(cfg.reward),
         *EvalConfig.problems(cfg.eval),
         *PrefsConfig.problems(cfg.prefs),
+        *PreviewConfig.problems(cfg.preview),
         *JudgeConfig.problems(cfg.judge),
         *WinrateConfig.problems(cfg.winrate),
     ]

@@ -119,7 +119,7 @@ def load_model(
     if checkpoint is None and Path(source).is_dir():
         check_weights(Path(source), "model.name_or_path")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = _hub_tokenizer(source, kwargs)
         if quantization is not None:
             kwargs |= {"quantization_config": quantization, "device_map": resolve_device("auto").type}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
@@ -136,9 +136,30 @@ def load_model(
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    return without_dropout(model), tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig, *, checkpoint: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` would return, without loading the weights (`dpo-run preview`)."""
+    if checkpoint is not None:
+        return _hub_tokenizer(str(checkpoint), {})
+    if cfg.name == "tiny":
+        return tiny_tokenizer()
+    if cfg.python_package:
+        return _hub_tokenizer(_package_dir(cfg.python_package), {"gguf_file": cfg.gguf_file})
+    try:
+        return _hub_tokenizer(cfg.name_or_path, {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {})
+    except OSError as err:
+        raise ConfigError(
+            f"the tokenizer of {cfg.name_or_path!r} could not be loaded: {str(err).splitlines()[0]}"
+        ) from err
+
+
+def _hub_tokenizer(source: str, kwargs: dict) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return without_dropout(model), tokenizer
+    return tokenizer
 
 
 def without_dropout(model: PreTrainedModel) -> PreTrainedModel:

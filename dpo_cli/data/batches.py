@@ -309,6 +309,23 @@ class TrainData:
     """The training examples, by the ids batches carry in `example_ids` (to name them in errors)."""
 
 
+def fit_batch_to_data(cfg: DictConfig, num_examples: int) -> None:
+    """A batch larger than the whole training set (a file of a few records) shrinks to the set: to the
+    largest multiple of the ranks that fits, its micro-batch to the largest divisor of its per-rank share
+    not above the configured one. Said in one line; config.yaml records the batch the run trains with."""
+    t, ranks = cfg.trainer, distributed.expected_world_size(cfg)
+    if num_examples >= t.batch_size_examples or num_examples < ranks:
+        return
+    batch = num_examples - num_examples % ranks
+    per_rank = batch // ranks
+    micro = max(m for m in range(1, min(t.microbatch_size_examples, per_rank) + 1) if per_rank % m == 0)
+    print(
+        f"data: {num_examples} training examples, fewer than trainer.batch_size_examples="
+        f"{t.batch_size_examples}: batches of {batch} (micro-batches of {micro})"
+    )
+    t.batch_size_examples, t.microbatch_size_examples = batch, micro
+
+
 def total_steps(t: DictConfig, num_examples: int) -> int:
     """Optimizer steps of the run: trainer.max_steps, else trainer.num_epochs epochs."""
     steps_per_epoch = num_examples // t.batch_size_examples
