@@ -81,7 +81,7 @@ def model_token_logps(
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    shared = "label_source" in batch and shares_prompts(model)
+    shared = "label_source" in batch and shares_prompts(model, batch)
     if shared:
         inputs = {
             "input_ids": batch["shared_input_ids"],
@@ -126,16 +126,16 @@ def model_token_logps(
     return per_token.masked_scatter(mask, selected), mask
 
 
-def shares_prompts(model: torch.nn.Module) -> bool:
+def shares_prompts(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
     """Whether `model` scores the shared-prompt layout exactly. Its attention must take a 4-D mask (sdpa,
-    eager; not flash attention), and, checked once per model on a small probe, its log-probs of two
-    completions after one shared prompt must equal those of each sequence run alone: a family whose
-    attention or positions ignore the layout falls back to one row per sequence, and says so once."""
+    eager; not flash attention), and, checked once per model on the first batch it scores, the layout's
+    log-probs must equal those of the same batch's plain rows: a family whose attention or positions
+    ignore the layout falls back to one row per sequence, and says so once."""
     module = getattr(model, "module", model)
     known = getattr(module, "_shares_prompts", None)
     if known is None:
         attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
-        known = attention in ("sdpa", "eager") and _probe_shared_prompts(model)
+        known = attention in ("sdpa", "eager") and _layouts_agree(model, batch)
         module._shares_prompts = known
         if not known:
             print(
@@ -143,6 +143,21 @@ def shares_prompts(model: torch.nn.Module) -> bool:
                 "layout exactly; its sequences run one row each (trainer.share_prompts has no effect)"
             )
     return known
+
+
+@torch.no_grad()
+def _layouts_agree(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    module._shares_prompts = True  # score the layout itself once
+    try:
+        shared, mask = model_token_logps(model, batch)
+        plain, _ = model_token_logps(model, {k: v for k, v in batch.items() if k != "label_source"})
+    finally:
+        module.train(was_training)
+    tolerance = 1e-3 if shared.dtype == torch.float32 and module.dtype == torch.float32 else 5e-2
+    return bool(((shared - plain).abs() * mask).max() <= tolerance)
 
 
 def _attention_mask(module: torch.nn.Module, visible: torch.Tensor) -> torch.Tensor:
@@ -153,39 +168,6 @@ def _attention_mask(module: torch.nn.Module, visible: torch.Tensor) -> torch.Ten
     return torch.zeros(visible.shape, dtype=module.dtype, device=visible.device).masked_fill_(
         ~visible, torch.finfo(module.dtype).min
     )
-
-
-@torch.no_grad()
-def _probe_shared_prompts(model: torch.nn.Module) -> bool:
-    from dpo_cli.data.batches import shared_prompt_layout
-
-    module = getattr(model, "module", model)
-    device = next(module.parameters()).device
-    vocab = module.config.vocab_size
-    prompt, completions = (3, 5, 7, 11), ((13, 17, 19), (23, 29))
-    sequences = [(tuple(t % vocab for t in prompt), tuple(t % vocab for t in c)) for c in completions]
-    rows = [torch.tensor([p + c], device=device) for p, c in sequences]
-    layout = {k: v.to(device) for k, v in shared_prompt_layout(sequences, pad_token_id=0).items()}
-    was_training = module.training
-    module.eval()
-    try:
-        logits = model(
-            input_ids=layout["shared_input_ids"],
-            position_ids=layout["shared_position_ids"],
-            attention_mask=_attention_mask(module, layout["prompt_attention"]),
-        ).logits.float()
-        # Each sequence alone: the logits at the positions that predict its completion's tokens.
-        alone = torch.cat(
-            [
-                model(input_ids=row).logits.float()[0, len(p) - 1 : len(p) + len(c) - 1]
-                for row, (p, c) in zip(rows, sequences, strict=True)
-            ]
-        )
-    finally:
-        module.train(was_training)
-    shared = logits.flatten(0, 1)[layout["label_source"]]
-    tolerance = 1e-3 if module.dtype == torch.float32 else 5e-2
-    return bool(torch.allclose(shared.log_softmax(-1), alone.log_softmax(-1), atol=tolerance, rtol=0))
 
 
 def _transformer(model: torch.nn.Module) -> tuple[PreTrainedModel | None, contextlib.AbstractContextManager]:

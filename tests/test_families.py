@@ -35,7 +35,7 @@ def test_shared_prompts_and_the_chunked_head_equal_a_plain_forward_of_each_seque
         max_length_tokens=32,
     )
     batch = collate(examples, tokenizer.pad_token_id, share_prompts=True)
-    assert shares_prompts(model)  # every family here takes the shared-prompt layout exactly
+    assert shares_prompts(model, batch)  # every family here takes the shared-prompt layout exactly
     # A tiny chunk forces the chunked LM head to run in several blocks (where the head is plain linear).
     per_token, mask = model_token_logps(model.eval(), batch, chunk_bytes=4 * len(tokenizer) * 3)
     with torch.no_grad():

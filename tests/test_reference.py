@@ -183,7 +183,7 @@ def test_shared_prompts_keep_grouped_kv_heads_on_cpu(monkeypatch):
         return sdpa(query, key, value, **kwargs)
 
     model = gqa_llama()
-    assert shares_prompts(model)  # its one-off probe runs before the calls are recorded
+    assert shares_prompts(model, batch)  # its one-off check runs before the calls are recorded
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
     model_token_logps(model, batch)
     assert calls == [(2, True, True)] * 2  # both layers
