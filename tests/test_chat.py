@@ -325,3 +325,90 @@ def test_hh_as_conversations(tmp_path):
         "chosen": (Message("assistant", "Felix 0."),),
         "rejected": (Message("assistant", "No."),),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: a conversational file through preview, sft and dpo (tiny model, a template from a file)
+# ---------------------------------------------------------------------------------------------------------
+
+TINY_TEMPLATE = (
+    "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + eos_token + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
+)
+
+
+def conversational_pairs(tmp_path):
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": f"Film {i}?"}],
+            "chosen": [{"role": "assistant", "content": "Lovely, great fun."}],
+            "rejected": [{"role": "assistant", "content": "Dull."}],
+        }
+        for i in range(12)
+    ]
+    return write_jsonl(tmp_path / "chat.jsonl", rows)
+
+
+def test_preview_shows_each_turn_once_and_writes_nothing(tmp_path, capsys):
+    from dpo_cli.cli import main
+
+    template = tmp_path / "template.jinja"
+    template.write_text(TINY_TEMPLATE)
+    data = conversational_pairs(tmp_path)
+    main(
+        [
+            "preview",
+            "model=tiny",
+            "data=jsonl",
+            f"data.path={data}",
+            f"data.chat_template={template}",
+            f"output_root={tmp_path / 'outputs'}",
+            "preview.num_examples=1",
+            "data.max_prompt_length_tokens=48",
+            "data.max_length_tokens=56",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "as `dpo-run dpo` sees them" in out
+    assert out.count("<system>Be kind.</s>") == 1 and out.count("<user>Film") == 1
+    assert "--- chosen: " in out and "--- rejected: 7 tokens" in out  # "Dull." + </s> + "\n"
+    assert "cut from the right" in out  # the chosen reply does not fit 56 tokens after its prompt
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_conversations_without_a_template_fail_in_one_line(tmp_path, capsys):
+    from dpo_cli.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preview", "model=tiny", "data=jsonl", f"data.path={conversational_pairs(tmp_path)}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dpo-run: error: conversational records need a chat template") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_a_conversational_file_trains_sft_then_dpo(tmp_path):
+    from dpo_cli.cli import main
+    from dpo_cli.logging import read_metrics
+
+    template = tmp_path / "template.jinja"
+    template.write_text(TINY_TEMPLATE)
+    common = [
+        "model=tiny",
+        "logger=none",
+        f"output_root={tmp_path}",
+        "data=jsonl",
+        f"data.path={conversational_pairs(tmp_path)}",
+        "eval.num_prompts=2",
+        "trainer.max_steps=2",
+        "trainer.eval_every_steps=2",
+    ]
+    main(["sft", *common, f"data.chat_template={template}", "run_name=sft"])
+    # The SFT checkpoint's tokenizer carries the template: DPO needs no data.chat_template.
+    main(["dpo", *common, "run_name=dpo"])
+    for stage in ("sft", "dpo"):
+        run_dir = tmp_path / "default" / stage / stage
+        assert (run_dir / "final" / "model.safetensors").is_file()
+        assert any("train/loss" in m for m in read_metrics(run_dir))
+    sample = json.loads((tmp_path / "default" / "dpo" / "dpo" / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"][1] == {"role": "user", "content": sample["prompt"][1]["content"]}

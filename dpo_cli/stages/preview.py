@@ -11,7 +11,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from dpo_cli.data import Example, chat, example_splits, record_kind, sft_view
-from dpo_cli.data.batches import tokenize_examples
+from dpo_cli.data.batches import TokenizedExample, tokenize_examples
 from dpo_cli.errors import ConfigError
 from dpo_cli.models import load_tokenizer
 
@@ -44,9 +44,16 @@ def show(cfg: DictConfig, overrides: list[str], stage_given: bool) -> None:
         f"{d.max_prompt_length_tokens}, data.max_length_tokens={d.max_length_tokens}). Special tokens are "
         "shown; the loss trains on the completions' tokens, the prompt is context."
     )
-    for number, example in enumerate(examples[: cfg.preview.num_examples], start=1):
+    shown = examples[: cfg.preview.num_examples]
+    tokenized = tokenize_examples(
+        shown,
+        tokenizer,
+        max_prompt_length_tokens=d.max_prompt_length_tokens,
+        max_length_tokens=d.max_length_tokens,
+    )
+    for number, (example, ids) in enumerate(zip(shown, tokenized, strict=True), start=1):
         print(f"\n=== example {number} of {len(examples)} ===")
-        _show_example(example, tokenizer, d.max_prompt_length_tokens, d.max_length_tokens)
+        _show_example(example, ids, tokenizer)
     kept = [o for o in overrides if not o.startswith(("stage=", "preview."))]
     print(f"\nnothing was written; train with: dpo-run {' '.join([cfg.stage, *kept])}")
 
@@ -63,14 +70,8 @@ def _checkpoint(cfg: DictConfig):
         return None  # no SFT run yet: the model preset's own tokenizer is the one SFT will save
 
 
-def _show_example(example: Example, tokenizer, max_prompt_length_tokens: int, max_length_tokens: int) -> None:
+def _show_example(example: Example, tokenized: TokenizedExample, tokenizer) -> None:
     prompt, completions, *label = example
-    [tokenized] = tokenize_examples(
-        [example],
-        tokenizer,
-        max_prompt_length_tokens=max_prompt_length_tokens,
-        max_length_tokens=max_length_tokens,
-    )
     full_prompt = chat.encode_prompt(tokenizer, prompt)
     cut = len(full_prompt) - len(tokenized.prompt_ids)
     note = f"; cut from the left: {cut} tokens {_decoded(tokenizer, full_prompt[:cut])}" if cut else ""
