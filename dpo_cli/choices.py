@@ -77,9 +77,12 @@ class DataName(StrEnum):
     shp = "shp"
     imdb = "imdb"
     ultrafeedback = "ultrafeedback"
+    hub = "hub"
 
 
-HUB_DATASETS = frozenset({DataName.hh, DataName.tldr, DataName.shp, DataName.imdb, DataName.ultrafeedback})
+HUB_DATASETS = frozenset(
+    {DataName.hh, DataName.tldr, DataName.shp, DataName.imdb, DataName.ultrafeedback, DataName.hub}
+)
 """The adapters that read a Hugging Face dataset (dpo_cli.data.hub.HUB_ADAPTERS)."""
 
 

@@ -412,3 +412,22 @@ def test_a_conversational_file_trains_sft_then_dpo(tmp_path):
         assert any("train/loss" in m for m in read_metrics(run_dir))
     sample = json.loads((tmp_path / "default" / "dpo" / "dpo" / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"][1] == {"role": "user", "content": sample["prompt"][1]["content"]}
+
+
+def test_any_hub_dataset_in_trl_format_from_a_local_copy(tmp_path):
+    root = tmp_path / "copy"
+    root.mkdir()
+    row = {"chosen": [USER, GOOD], "rejected": [USER, BAD]}
+    write_jsonl(root / "train.jsonl", [row] * 4)
+    write_jsonl(root / "test.jsonl", [row] * 2)
+    train, held_out = load_splits(DataConfig(name="hub", path=str(root)))
+    assert (len(train), len(held_out)) == (4, 2)
+    assert train[0] == {
+        "prompt": CONVERSATION_PROMPT,
+        "chosen": (Message(**GOOD),),
+        "rejected": (Message(**BAD),),
+        "split": "train",
+    }
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [row, {"prompt": "x", "completion": "y"}])
+    with pytest.raises(ConfigError, match=r"row 2: a sft record in a dataset of conversational pair"):
+        load_splits(DataConfig(name="hub", path=str(mixed)))

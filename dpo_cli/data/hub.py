@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dpo_cli.config import DataConfig
 from dpo_cli.data.chat import parse_transcript
-from dpo_cli.data.records import normalize
+from dpo_cli.data.records import normalize, records_of
 from dpo_cli.errors import ConfigError
 
 SPLITS = ("train", "test")
@@ -301,10 +301,31 @@ def ultrafeedback(cfg: DataConfig) -> list[dict]:
     return adapt(cfg, cfg.hub_id, [ULTRAFEEDBACK_PAIR_SCHEMA], splits=("train_prefs", "test_prefs"))
 
 
+def hub(cfg: DataConfig) -> list[dict]:
+    """Any hub dataset in one of TRL's formats (`data.hub_id`, e.g. trl-lib/ultrafeedback_binarized), or
+    a local copy of one: its rows are read as a records file's are (`records.normalize`)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    source = f"data.path={cfg.path}" if cfg.path else cfg.hub_id
+    if cfg.path:
+        rows = _local_rows(cfg, Path(cfg.path), SPLITS)
+    else:
+        rows = _hub_rows(cfg, cfg.hub_id, "TRL's formats (README 'Your own data')", SPLITS)
+    # Arrow gives every row every column of the dataset, None where the row has none.
+    located = (
+        (f"{source} {split or 'row'} {i}", {k: v for k, v in row.items() if v is not None})
+        for i, (split, row) in enumerate(rows, start=1)
+    )
+    records = records_of(located, source, "dataset")
+    return [r if split is None else r | {"split": split} for r, (split, _) in zip(records, rows, strict=True)]
+
+
 HUB_ADAPTERS: dict[str, Callable[[DataConfig], list[dict]]] = {
     "hh": hh,
     "tldr": tldr,
     "shp": shp,
     "imdb": imdb,
     "ultrafeedback": ultrafeedback,
+    "hub": hub,
 }

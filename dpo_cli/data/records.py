@@ -18,7 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from dpo_cli.data.chat import Text, conversation, is_conversation
@@ -102,20 +102,26 @@ def read_jsonl(path: str | Path) -> list[dict]:
     importing it costs ~0.5 s and ~95 MiB of resident memory in every run), so an error names the line.
     """
     path = Path(path)
+    return records_of(_rows(path), str(path), "file")
+
+
+def records_of(rows: Iterable[tuple[str, object]], source: str, unit: str) -> list[dict]:
+    """The records of `rows` ((where, row) pairs of one file or one hub dataset: the `unit`), all of
+    one kind and format."""
     records, first = [], None
-    for where, row in _rows(path):
+    for where, row in rows:
         if not isinstance(row, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
         record, kind = normalize(row, where)
-        first = first or (kind, where.removeprefix(f"{path} "))
+        first = first or (kind, where.removeprefix(f"{source} "))
         if kind != first[0]:
             raise ConfigError(
-                f"{where}: a {kind} record in a file of {first[0]} records ({first[1]}); one file holds one "
-                "kind"
+                f"{where}: a {kind} record in a {unit} of {first[0]} records ({first[1]}); one {unit} holds "
+                "one kind"
             )
         records.append(record)
     if not records:
-        raise ConfigError(f"{path} holds no records")
+        raise ConfigError(f"{source} holds no records")
     return records
 
 
