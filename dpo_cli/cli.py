@@ -52,6 +52,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "a table of the runs below DIR (default outputs/): stage, overrides, metrics, status",
     ),
 }
+# Not a stage: reads data and a tokenizer, writes nothing (no Hydra run dir), dispatched before Hydra.
+PREVIEW = ("preview", "the first examples as [sft|dpo] sees them: chat turns, tokens trained on, cuts")
 # Hydra flags that take a value: that value is not the stage word.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
 _MAX_PREFLIGHT_JOBS = 64
@@ -74,6 +76,7 @@ def config_groups() -> dict[str, list[str]]:
 def help_text() -> str:
     lines = ["usage: dpo-run [-m] <stage> [key=value ...] [hydra flags]", "", "stages:"]
     lines += [f"  {name:<8} {desc}" for name, (_, desc) in STAGES.items()]
+    lines += [f"  {PREVIEW[0]:<8} {PREVIEW[1]}"]
     lines += ["", "commands:"] + [f"  {name:<8} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "config groups (group=option):"]
     lines += [f"  {group:<11} {', '.join(options)}" for group, options in config_groups().items()]
@@ -315,6 +318,25 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+def preview(args: list[str]) -> None:
+    """`dpo-run preview [sft|dpo] [overrides]`: compose the stage's config as a run would, then show its
+    first examples (dpo_cli/stages/preview.py)."""
+    stage = args.pop(0) if args and args[0] in STAGES else None
+    if any(arg.startswith("-") for arg in args):
+        _fail(f"dpo-run preview takes overrides only, not {next(a for a in args if a.startswith('-'))}")
+    overrides = [*args, f"stage={stage or 'dpo'}"]
+    preflight(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    from dpo_cli.stages import preview as stage_preview
+
+    try:
+        stage_preview.show(cfg, overrides, stage_given=stage is not None)
+    except ConfigError as err:
+        _fail(str(err))
+
+
 def _stage_index(args: list[str]) -> int | None:
     return next(
         (
@@ -336,7 +358,8 @@ def _shell_completion(args: list[str]) -> None:
         index = _stage_index(words)
         if index is None or index == len(words) - 1:  # the stage word itself is being typed
             typed = words[index] if index is not None else ""
-            print(" ".join(name for name in [*STAGES, *COMMANDS] if name.startswith(typed)))
+            names = [*STAGES, PREVIEW[0], *COMMANDS]
+            print(" ".join(name for name in names if name.startswith(typed)))
             return
         stage = words.pop(index)
         os.environ["COMP_LINE"] = " ".join([program, f"stage={stage}", *words])
@@ -361,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     if stage_index is None:
         _fail(f"no stage given; choose one of {', '.join(STAGES)} (dpo-run --help)")
     stage = args.pop(stage_index)
+    if stage == PREVIEW[0]:
+        preview(args)
+        return
     if stage not in STAGES:
         _fail(f"unknown stage {stage!r}; choose one of {', '.join([*STAGES, *COMMANDS])} (dpo-run --help)")
     if "-h" in args or "--help" in args:

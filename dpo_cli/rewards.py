@@ -1,6 +1,7 @@
 """Reward functions: (prompts, completions) -> one float per completion, higher is better.
 
-Both score the whole text (prompt + completion), as the paper's sentiment classifier scores whole reviews.
+Both score the whole text (prompt + completion), as the paper's sentiment classifier scores whole reviews;
+a conversation's text is its messages' contents (`chat.plain_text`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from dpo_cli.config import RewardConfig
+from dpo_cli.data.chat import Text, plain_text
 from dpo_cli.errors import ConfigError
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -67,7 +69,13 @@ def hf_classifier_reward(cfg: RewardConfig, device: torch.device) -> RewardFn:
 
 def make_reward_fn(cfg: RewardConfig, device: torch.device | None = None) -> RewardFn:
     if cfg.name == "vader":
-        return vader_reward()
-    if cfg.name == "hf_classifier":
-        return hf_classifier_reward(cfg, device or torch.device("cpu"))
-    raise ConfigError(f"reward.name={cfg.name}: choose vader or hf_classifier")
+        score = vader_reward()
+    elif cfg.name == "hf_classifier":
+        score = hf_classifier_reward(cfg, device or torch.device("cpu"))
+    else:
+        raise ConfigError(f"reward.name={cfg.name}: choose vader or hf_classifier")
+
+    def on_text(prompts: list[Text], completions: list[Text]) -> list[float]:
+        return score([plain_text(p) for p in prompts], [plain_text(c) for c in completions])
+
+    return on_text

@@ -70,7 +70,7 @@ def imdb_row(i: int) -> dict:
 
 
 def test_every_hub_adapter_is_registered():
-    assert set(HUB_ADAPTERS) == {"hh", "tldr", "shp", "imdb"}
+    assert set(HUB_ADAPTERS) == {"hh", "tldr", "shp", "imdb", "ultrafeedback", "hub"}
     assert set(HUB_ADAPTERS) <= set(ADAPTERS)
 
 
@@ -154,7 +154,9 @@ def test_a_copy_in_the_wrong_schema_names_the_expected_columns(tmp_path):
 def test_an_unreachable_hub_says_so_in_one_line_and_suggests_a_local_copy(name):
     """conftest sets HF_HUB_OFFLINE=1: loading from the hub must fail fast with a one-line hint."""
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"data={name}", "stage=dpo"])
+        # data=hub has no dataset of its own: the user names one.
+        named = ["data.hub_id=trl-lib/ultrafeedback_binarized"] if name == "hub" else []
+        cfg = compose(config_name="config", overrides=[f"data={name}", "stage=dpo", *named])
     GlobalHydra.instance().clear()
     with pytest.raises(ConfigError) as err:
         ADAPTERS[name](cfg.data)
