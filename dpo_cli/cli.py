@@ -44,7 +44,7 @@ STAGES: dict[str, tuple[str, str]] = {
 # Commands that are not training stages: they read run dirs, and start no Hydra job.
 COMMANDS: dict[str, tuple[str, str]] = {
     "plot": (
-        "dpo_cli.frontier",
+        "dpo_cli.plot",
         "frontier.png/csv and winrate.png/csv of every run below DIR ... (--out, --title)",
     ),
     "runs": (

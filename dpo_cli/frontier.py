@@ -3,7 +3,7 @@
 A "frontier point" is one `metrics.jsonl` line with `eval/kl` (sequence-level KL(pi || pi_ref), nats) and
 `eval/reward` (mean true reward). `gather_points` collects them from run dirs or any parents of run dirs,
 `write_frontier` writes `frontier.csv` and `frontier.png`, `FrontierCallback` does both at the end of a
-Hydra multirun (and logs them to wandb), and `main` is `dpo-run plot` (also the win-rate figure).
+Hydra multirun (and logs them to wandb); `dpo-run plot` (dpo_cli/plot.py) does both for any dirs.
 
 A run's label is its method and hyperparameter (`run_label`), plus the keys whose values tell it apart
 from the other runs of that label (`lr=1e-05`, `seed=1`): two runs never share a label by accident.
@@ -11,7 +11,6 @@ from the other runs of that label (`lr=1e-05`, `seed=1`): two runs never share a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -321,7 +320,7 @@ def write_frontier(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) ->
     return csv_path, png_path
 
 
-def _summary(rows: Sequence[dict[str, Any]], csv_path: Path, png_path: Path) -> str:
+def summary(rows: Sequence[dict[str, Any]], csv_path: Path, png_path: Path) -> str:
     n_runs = len({row["run_dir"] for row in rows})
     return f"frontier: wrote {csv_path} and {png_path} ({len(rows)} points from {n_runs} runs)"
 
@@ -345,7 +344,7 @@ class FrontierCallback(Callback):
         reward = str(OmegaConf.select(config, "reward.name", default="vader")).upper()
         title = f"Reward vs KL frontier: {exp_name} ({data}, {reward} reward)"
         csv_path, png_path = write_frontier(rows, sweep_dir, title)
-        print(_summary(rows, csv_path, png_path))
+        print(summary(rows, csv_path, png_path))
         if config.logger.name == "wandb":
             _log_to_wandb(config, rows, png_path, sweep_dir, title)
         print(f"next: dpo-run runs {sweep_dir}   (each job's overrides, final metrics and status)")
@@ -375,33 +374,3 @@ def _log_to_wandb(config: DictConfig, rows: list[dict], png_path: Path, sweep_di
         }
     )
     run.finish()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`dpo-run plot DIR [DIR ...] [--out OUT_DIR] [--title T]`: the frontier of every run below DIRs on one
-    figure (frontier.csv/png), and the win rates of every winrate run below them (winrate.csv/png)."""
-    from dpo_cli.stages.winrate import gather_winrates, write_winrate_csv, write_winrate_png
-
-    parser = argparse.ArgumentParser(
-        prog="dpo-run plot",
-        description="Reward vs KL frontier and win rates of every run below DIRs (run dirs, sweep dirs or "
-        "parents).",
-    )
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
-    parser.add_argument("--out", type=Path, default=Path("."), help="output dir (default: current dir)")
-    parser.add_argument("--title", default=None, help="figure title")
-    args = parser.parse_args(argv)
-    rows, winrates = gather_points(args.dirs), gather_winrates(args.dirs)
-    if not rows and not winrates:
-        print(f"plot: no eval points (eval/kl) or winrate.csv under {' '.join(map(str, args.dirs))}")
-        return 1
-    if rows:
-        csv_path, png_path = write_frontier(rows, args.out, args.title or "Reward vs KL frontier")
-        print(_summary(rows, csv_path, png_path))
-    if winrates:
-        args.out.mkdir(parents=True, exist_ok=True)
-        csv_path = write_winrate_csv(winrates, args.out / "winrate.csv")
-        title = args.title or "Win rate vs sampling temperature"
-        png_path = write_winrate_png(winrates, args.out / "winrate.png", title)
-        print(f"plot: wrote {csv_path} and {png_path} ({len(winrates)} win rates)")
-    return 0

@@ -9,7 +9,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from dpo_cli.frontier import COLUMNS, FrontierCallback, gather_points, main, run_label, write_frontier
+from dpo_cli.frontier import COLUMNS, FrontierCallback, gather_points, run_label, write_frontier
+from dpo_cli.plot import main
 
 # (step, kl, reward) of the eval points of the fake runs.
 DPO_POINTS = {
