@@ -76,6 +76,8 @@ def test_every_shipped_yaml_composes_and_validates(stage, group, option):
     overrides = [f"{group}={option}", f"stage={stage}"]
     if (group, option) == ("data", "jsonl"):
         overrides.append("data.path=records.jsonl")
+    if (group, option) == ("data", "hub"):  # any hub dataset: its id is the user's
+        overrides.append("data.hub_id=org/dataset")
     if (group, option) == ("reward", "hf_classifier"):
         overrides.append("reward.model_name_or_path=path/to/classifier")
     GlobalHydra.instance().clear()
