@@ -431,3 +431,22 @@ def test_any_hub_dataset_in_trl_format_from_a_local_copy(tmp_path):
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [row, {"prompt": "x", "completion": "y"}])
     with pytest.raises(ConfigError, match=r"row 2: a sft record in a dataset of conversational pair"):
         load_splits(DataConfig(name="hub", path=str(mixed)))
+
+
+@pytest.mark.slow
+def test_smollm2s_own_tokenizer_splits_conversations_token_for_token():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dpo_cli.config import conf_dir
+    from dpo_cli.models import load_tokenizer
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["stage=dpo"])  # the default model: SmolLM2
+    GlobalHydra.instance().clear()
+    tokenizer = load_tokenizer(cfg.model)
+    for prompt in (TURNS[:1], (SYSTEM, *TURNS)):
+        ids = encode_prompt(tokenizer, prompt) + encode_completion(tokenizer, prompt, REPLY)
+        assert ids == tokenizer.apply_chat_template([m._asdict() for m in prompt + REPLY])["input_ids"]
+        assert tokenizer.decode(ids).count("<|im_start|>system") == 1
+        assert ids[-2:] == [tokenizer.eos_token_id, *tokenizer("\n", add_special_tokens=False)["input_ids"]]
