@@ -178,7 +178,14 @@ def load_trained_weights(model: torch.nn.Module, path: Path) -> None:
 
         set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     else:
-        model.load_state_dict(type(model).from_pretrained(path).state_dict())
+        state = type(model).from_pretrained(path).state_dict()
+        # Modules a stage adds to the model (PPO's value head) are saved with it but unknown to its class.
+        added = model.state_dict().keys() - state.keys()
+        if added:
+            from safetensors.torch import load_file
+
+            state |= {k: v for k, v in load_file(path / "model.safetensors").items() if k in added}
+        model.load_state_dict(state)
 
 
 def save_deepspeed_resumable(ds_engine: Any, path: Path, state: dict[str, Any]) -> Path:

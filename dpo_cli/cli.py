@@ -37,6 +37,11 @@ STAGES: dict[str, tuple[str, str]] = {
         "dpo_cli.stages.winrate",
         "win rate of checkpoint=PATH vs a baseline by a judge, per temperature",
     ),
+    "rm": ("dpo_cli.stages.rm", "reward model: the SFT model + a scalar head, Bradley-Terry on the pairs"),
+    "ppo": (
+        "dpo_cli.stages.ppo",
+        "PPO (or ppo.algorithm=rloo) on reward= or ppo.reward_model_path, KL to SFT",
+    ),
 }
 # Hydra flags that take a value: that value is not the stage word.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}

@@ -37,6 +37,7 @@ from dpo_cli.choices import (
 from dpo_cli.config_stages import (
     EvalConfig,
     JudgeConfig,
+    PPOConfig,
     PrefsConfig,
     RewardConfig,
     WinrateConfig,
@@ -422,6 +423,7 @@ class Config:
     winrate: WinrateConfig = field(default_factory=WinrateConfig)
     ref: RefConfig = field(default_factory=RefConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     @staticmethod
     def problems(c: DictConfig) -> list[str]:
@@ -503,11 +505,25 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         *PrefsConfig.problems(cfg.prefs),
         *JudgeConfig.problems(cfg.judge),
         *WinrateConfig.problems(cfg.winrate),
+        *PPOConfig.problems(cfg.ppo),
     ]
     if cfg.stage == Stage.sft and cfg.loss.name != Loss.sft:
         p.append(f"stage sft trains with loss=sft, not loss={cfg.loss.name}")
     if cfg.stage == Stage.dpo and cfg.loss.name == Loss.sft:
         preference = ", ".join(loss for loss in Loss if loss != Loss.sft)
         p.append(f"loss=sft belongs to `dpo-run sft`; preference stages take one of {preference}")
+    if cfg.stage == Stage.ppo:
+        p += _ppo_problems(cfg)
     if p:
         raise ConfigError("; ".join(p))
+
+
+def _ppo_problems(cfg: DictConfig) -> list[str]:
+    """A rollout of `dpo-run ppo` must split into whole prompts (rloo: `rloo_k` completions each)."""
+    rollout = cfg.ppo.num_mini_batches * cfg.trainer.batch_size_examples
+    if cfg.ppo.algorithm == "rloo" and rollout % cfg.ppo.rloo_k:
+        return [
+            f"ppo.algorithm=rloo: a rollout of ppo.num_mini_batches x trainer.batch_size_examples = "
+            f"{rollout} completions must be a multiple of ppo.rloo_k={cfg.ppo.rloo_k}"
+        ]
+    return []

@@ -300,6 +300,13 @@ class TrainData:
     examples: list[TokenizedExample]
     """The training examples, by the ids batches carry in `example_ids` (to name them in errors)."""
 
+    def state_dict(self) -> None:
+        """Nothing to keep in a checkpoint: the order is the seed's, and a resumed run skips to its step."""
+        return None
+
+    def load_state_dict(self, state: None) -> None:
+        pass
+
 
 def total_steps(t: DictConfig, num_examples: int) -> int:
     """Optimizer steps of the run: trainer.max_steps, else trainer.num_epochs epochs."""

@@ -123,4 +123,4 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     k = rewards.shape[1]
     if k < 2:
         raise ValueError(f"RLOO needs K >= 2 samples per prompt, got {k}")
-    return (rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1))
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
