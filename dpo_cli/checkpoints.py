@@ -149,6 +149,11 @@ def save_model(
     """A `save_pretrained` model + tokenizer dir, loadable by `AutoModelForCausalLM.from_pretrained`
     (`state_dict`: these weights instead of the model's own, e.g. gathered from ZeRO shards)."""
 
+    if hasattr(model, "value_head"):
+        # PPO's value head trains and is checkpointed with the policy; final/ is the policy alone.
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("value_head.")}
+
     def write(tmp: Path) -> None:
         _save_pretrained(model, tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
