@@ -197,10 +197,8 @@ class Rollouts:
             desc="rollout",
         )
         scores = torch.tensor(self.reward_fn(samples.prompts, samples.completions), dtype=torch.float32)
-        prompt_ids, completion_ids = (
-            [tuple(p) for p in samples.prompt_ids],
-            [tuple(c) for c in samples.completion_ids],
-        )
+        prompt_ids = [tuple(p) for p in samples.prompt_ids]
+        completion_ids = [tuple(c) for c in samples.completion_ids]
         lengths = torch.tensor([len(c) for c in completion_ids])
         mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
         logps, ref_logps, values = (torch.zeros(mask.shape) for _ in range(3))
@@ -211,12 +209,13 @@ class Rollouts:
             batch = {key: value.to(device) for key, value in batch.items()}
             if ppo:
                 per_token, token_mask, token_values = logps_and_values(self.model, batch)
-                values[rows] = values[rows].masked_scatter(mask[rows], token_values[token_mask].cpu())
             else:
-                per_token, token_mask = model_token_logps(self.model, batch)
-            logps[rows] = logps[rows].masked_scatter(mask[rows], per_token[token_mask].cpu())
+                (per_token, token_mask), token_values = model_token_logps(self.model, batch), None
             reference = model_token_logps(self.reference, batch)[0]
-            ref_logps[rows] = ref_logps[rows].masked_scatter(mask[rows], reference[token_mask].cpu())
+            # From the batch's (B, T-1) label layout to the rollout's: each completion from column 0.
+            for target, scored in ((logps, per_token), (ref_logps, reference), (values, token_values)):
+                if scored is not None:
+                    target[rows] = target[rows].masked_scatter(mask[rows], scored[token_mask].cpu())
         self.model.train(was_training)
         beta = self.cfg.beta
         if ppo:
@@ -229,18 +228,17 @@ class Rollouts:
             # The sequence-level objective of Eq. 3 for each sample, baselined by its prompt's other samples.
             rewards = scores - beta * ((logps - ref_logps) * mask).sum(-1)
             advantages, returns, values = rloo_advantages(rewards.view(-1, k)).flatten(), None, None
-        prompt_index = prompt_index.repeat_interleave(k)
         return Rollout(
-            prompt_ids,
-            completion_ids,
-            prompt_index,
-            scores,
-            mask,
-            logps,
-            ref_logps,
-            advantages,
-            values,
-            returns,
+            prompt_ids=prompt_ids,
+            completion_ids=completion_ids,
+            prompt_index=prompt_index.repeat_interleave(k),
+            scores=scores,
+            mask=mask,
+            logps=logps,
+            ref_logps=ref_logps,
+            advantages=advantages,
+            values=values,
+            returns=returns,
         )
 
     def _microbatch(self, rows: torch.Tensor) -> Batch:
