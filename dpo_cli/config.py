@@ -214,7 +214,7 @@ class PeftConfig:
 class TrainerConfig:
     engine: Engine = Engine.single
     """single: one process (CPU or one GPU) | deepspeed: DeepSpeed ZeRO across `num_processes` ranks per node
-    (trainer=zero2 / trainer=zero3; sft and dpo only, other stages run in one process)."""
+    (trainer=zero2 / trainer=zero3; the training stages sft, dpo, rm and ppo; others run in one)."""
     optimizer: Optimizer = Optimizer.rmsprop
     """rmsprop (the paper's choice) | adamw."""
     weight_decay: float = 0.0
