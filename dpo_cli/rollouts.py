@@ -145,11 +145,15 @@ class Rollouts:
         self.rollouts_started, self.served, self.rollout = 0, 0, None
         self.batches = self._batches()
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> list[dict]:
+        """Every rank's rollout in progress and how much of it was served (a collective: rank 0 writes the
+        trainer state, each rank reads its own entry back)."""
         rollout = None if self.rollout is None else asdict(self.rollout)
-        return {"rollouts_started": self.rollouts_started, "served": self.served, "rollout": rollout}
+        state = {"rollouts_started": self.rollouts_started, "served": self.served, "rollout": rollout}
+        return distributed.gather(state)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, states: list[dict]) -> None:
+        state = states[distributed.rank()]
         self.rollouts_started, self.served = state["rollouts_started"], state["served"]
         self.rollout = None if state["rollout"] is None else Rollout(**state["rollout"])
 

@@ -9,6 +9,10 @@ VADER scores "Film 3 was :)" 0.46 and "Film 3 was :(" -0.44, so an RL stage that
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,7 +50,8 @@ def sft_run(tmp_path_factory) -> tuple[Path, Path]:
     records = root / "smileys.jsonl"
     rows = [{"prompt": f"Film {i} was", "responses": [" :)", " :("], "ranking": [0, 1]} for i in range(60)]
     records.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    main(["sft", *common(root, records), "trainer.max_steps=100", "lr=3e-3", "trainer.eval_every_steps=100"])
+    main(["sft", *common(root, records), "trainer.max_steps=100", "lr=3e-3", "trainer.eval_every_steps=100",
+          "run_name=sft"])  # fmt: skip
     return root, records
 
 
@@ -161,3 +166,33 @@ def test_a_reward_model_learns_the_preferences_and_ppo_trains_on_it(sft_run, gt_
     train = [m for m in learned if "train/reward" in m]
     assert train[0]["train/reward"] != next(m for m in gt if "train/reward" in m)["train/reward"]
     assert [m for m in learned if "eval/reward" in m][-1]["eval/reward_delta"] > 0
+
+
+def test_ppo_under_deepspeed_resumes_mid_rollout_bit_identical(sft_run):
+    """ZeRO-2 on 2 CPU ranks: each rank samples and trains on its own share of every rollout; a run resumed
+    from its step-2 checkpoint (half-way through the first rollout: both ranks' rollouts are in it) ends
+    with the same weights and metrics as the run that went straight through."""
+    root, records = sft_run
+    args = ["ppo", *common(root, records), *PPO, "trainer=zero2", "trainer.num_processes=2",
+            "trainer.max_steps=4", "trainer.batch_size_examples=8", "trainer.microbatch_size_examples=2",
+            "trainer.save_every_steps=2", f"sft_checkpoint={root / 'default/sft/sft/final'}"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def dpo_run(*extra: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "dpo_cli.cli", *args, *extra], env=env, text=True,
+                              capture_output=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    dpo_run("run_name=zero2")
+    shutil.copytree(ppo_dir(root, "zero2"), ppo_dir(root, "zero2_resumed"))
+    shutil.rmtree(ppo_dir(root, "zero2_resumed") / "final")
+    dpo_run("run_name=zero2_resumed", "resume=true")
+    straight = load_file(ppo_dir(root, "zero2") / "final" / "model.safetensors")
+    resumed = load_file(ppo_dir(root, "zero2_resumed") / "final" / "model.safetensors")
+    assert straight.keys() == resumed.keys() and "value_head.weight" not in straight
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    metrics = [read_metrics(ppo_dir(root, name)) for name in ("zero2", "zero2_resumed")]
+    for lines in metrics:
+        for m in lines:
+            m.pop("train/examples_per_second", None)
+    assert metrics[0] == metrics[1] and [m["step"] for m in metrics[0] if "train/loss" in m] == [1, 2, 3, 4]
