@@ -78,10 +78,32 @@ class DataName(StrEnum):
     tldr = "tldr"
     shp = "shp"
     imdb = "imdb"
+    ultrafeedback = "ultrafeedback"
 
 
-HUB_DATASETS = frozenset({DataName.hh, DataName.tldr, DataName.shp, DataName.imdb})
+HUB_DATASETS = frozenset({DataName.hh, DataName.tldr, DataName.shp, DataName.imdb, DataName.ultrafeedback})
 """The adapters that read a Hugging Face dataset (dpo_cli.data.hub.HUB_ADAPTERS)."""
+
+
+class TinyArchitecture(StrEnum):
+    """`model.tiny_architecture`: the transformers model type of the random-init `tiny` model."""
+
+    llama = "llama"
+    qwen2 = "qwen2"
+    mistral = "mistral"
+    gemma2 = "gemma2"
+    gemma3_text = "gemma3_text"
+    phi3 = "phi3"
+    gpt_neox = "gpt_neox"  # Pythia, the paper's HH model
+    gptj = "gptj"  # GPT-J, the paper's TL;DR model
+    gpt2 = "gpt2"  # GPT-2, the paper's IMDb model
+
+
+class DataFormat(StrEnum):
+    """`data.format`: how a hub adapter that can give either renders its dialogues."""
+
+    text = "text"
+    chat = "chat"
 
 
 class Engine(StrEnum):

@@ -43,6 +43,8 @@ STAGES: dict[str, tuple[str, str]] = {
         "PPO (or ppo.algorithm=rloo) on reward= or ppo.reward_model_path, KL to SFT",
     ),
 }
+# Not a stage: reads data and a tokenizer, writes nothing (no Hydra run dir), dispatched before Hydra.
+PREVIEW = ("preview", "the first examples as [sft|dpo] sees them: chat turns, tokens trained on, cuts")
 # Hydra flags that take a value: that value is not the stage word.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
 _MAX_PREFLIGHT_JOBS = 64
@@ -65,6 +67,7 @@ def config_groups() -> dict[str, list[str]]:
 def help_text() -> str:
     lines = ["usage: dpo-run [-m] <stage> [key=value ...] [hydra flags]", "", "stages:"]
     lines += [f"  {name:<8} {desc}" for name, (_, desc) in STAGES.items()]
+    lines += [f"  {PREVIEW[0]:<8} {PREVIEW[1]}"]
     lines += ["", "config groups (group=option):"]
     lines += [f"  {group:<11} {', '.join(options)}" for group, options in config_groups().items()]
     lines += [
@@ -214,6 +217,25 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+def preview(args: list[str]) -> None:
+    """`dpo-run preview [sft|dpo] [overrides]`: compose the stage's config as a run would, then show its
+    first examples (dpo_cli/stages/preview.py)."""
+    stage = args.pop(0) if args and args[0] in STAGES else None
+    if any(arg.startswith("-") for arg in args):
+        _fail(f"dpo-run preview takes overrides only, not {next(a for a in args if a.startswith('-'))}")
+    overrides = [*args, f"stage={stage or 'dpo'}"]
+    preflight(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    from dpo_cli.stages import preview as stage_preview
+
+    try:
+        stage_preview.show(cfg, overrides, stage_given=stage is not None)
+    except ConfigError as err:
+        _fail(str(err))
+
+
 def main(argv: list[str] | None = None) -> None:
     distributed.quiet_unless_rank_zero()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -233,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     if stage_index is None:
         _fail(f"no stage given; choose one of {', '.join(STAGES)} (dpo-run --help)")
     stage = args.pop(stage_index)
+    if stage == PREVIEW[0]:
+        preview(args)
+        return
     if stage not in STAGES:
         _fail(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} (dpo-run --help)")
     overrides = [*_overrides(args), f"stage={stage}"]

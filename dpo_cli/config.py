@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dpo_cli.choices import (
     HUB_DATASETS,
+    DataFormat,
     DataName,
     Device,
     Engine,
@@ -33,12 +34,14 @@ from dpo_cli.choices import (
     Optimizer,
     PeftName,
     Stage,
+    TinyArchitecture,
 )
 from dpo_cli.config_stages import (
     EvalConfig,
     JudgeConfig,
     PPOConfig,
     PrefsConfig,
+    PreviewConfig,
     RewardConfig,
     WinrateConfig,
     at_least,
@@ -63,6 +66,9 @@ class ModelConfig:
     """Width of the random-init `tiny` Llama (tests only)."""
     tiny_num_layers: int = 2
     """Depth of the random-init `tiny` Llama (tests only)."""
+    tiny_architecture: TinyArchitecture = TinyArchitecture.llama
+    """The `tiny` model's family (llama, qwen2, mistral, gemma2, gemma3_text, phi3, gpt_neox, gptj, gpt2):
+    the same sizes in each, for tests of every family the tool supports."""
 
     @staticmethod
     def problems(m: DictConfig) -> list[str]:
@@ -97,9 +103,17 @@ class DataConfig:
     """Hub adapters with separate demonstrations (tldr: the human-written reference summaries)."""
     demonstrations: bool = False
     """Load `sft_hub_id` (SFT records) instead of `hub_id` (preference pairs); conf/data/tldr.yaml turns
-    it on for `dpo-run sft` and `dpo-run winrate` (the reference summaries are its baseline)."""
+    it on for `dpo-run sft` and `dpo-run winrate` (the reference summaries are its baseline). For
+    ultrafeedback: the train_sft/test_sft splits instead of train_prefs/test_prefs."""
     max_records: int | None = None
     """Hub adapters: keep the first this many rows of each split (quick runs); None = all."""
+    chat_template: str = "auto"
+    """How conversational records become tokens: `auto` (the tokenizer's chat template; refused when it
+    has none), a Jinja template FILE (set on the tokenizer, so checkpoints carry it), or `none` (plain
+    "Human: ... Assistant:" transcripts, for base models). Text records never go through a template."""
+    format: DataFormat = DataFormat.text
+    """hh: `text` (the paper's "\n\nHuman: ... \n\nAssistant:" transcripts) or `chat` (the same dialogues
+    as conversations, rendered with the chat template)."""
 
     @staticmethod
     def problems(d: DictConfig) -> list[str]:
@@ -120,6 +134,14 @@ class DataConfig:
             p.append(
                 f"data.max_prompt_length_tokens={d.max_prompt_length_tokens} must be > 0 and < "
                 f"data.max_length_tokens={d.max_length_tokens}"
+            )
+        if d.chat_template not in ("auto", "none") and not Path(d.chat_template).is_file():
+            p.append(
+                f"data.chat_template={d.chat_template}: not a file; give auto, none or a Jinja template FILE"
+            )
+        if d.format == DataFormat.chat and d.name != DataName.hh:
+            p.append(
+                f"data.format=chat is for data=hh; data={d.name} gives conversations as its records hold them"
             )
         if not 0 < d.eval_fraction < 1:
             p.append(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
@@ -418,6 +440,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     winrate: WinrateConfig = field(default_factory=WinrateConfig)
@@ -503,6 +526,7 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         *RewardConfig.problems(cfg.reward),
         *EvalConfig.problems(cfg.eval),
         *PrefsConfig.problems(cfg.prefs),
+        *PreviewConfig.problems(cfg.preview),
         *JudgeConfig.problems(cfg.judge),
         *WinrateConfig.problems(cfg.winrate),
         *PPOConfig.problems(cfg.ppo),

@@ -96,6 +96,21 @@ class EvalConfig:
 
 
 @dataclass
+class PreviewConfig:
+    """`dpo-run preview [STAGE] [overrides]`: the first examples as STAGE's model sees them; writes
+    nothing."""
+
+    num_examples: int = 3
+    """Examples shown."""
+    held_out: bool = False
+    """Show held-out examples instead of training ones."""
+
+    @staticmethod
+    def problems(c: DictConfig) -> list[str]:
+        return at_least("preview.", c, 1, "num_examples")
+
+
+@dataclass
 class PrefsConfig:
     """The `prefs` stage: sample completions per prompt, score them, write ranked records."""
 

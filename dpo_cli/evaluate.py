@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_cli.checkpoints import torch_save_atomically
 from dpo_cli.data.batches import TokenizedExample, collate
+from dpo_cli.data.chat import Text, jsonable
 from dpo_cli.distributed import is_main
 from dpo_cli.logps import model_token_logps
 from dpo_cli.rewards import RewardFn
@@ -69,7 +70,7 @@ class FrontierEvaluator:
     def __init__(
         self,
         cfg: DictConfig,
-        prompts: list[str],
+        prompts: list[Text],
         tokenizer: PreTrainedTokenizerBase,
         reference: PreTrainedModel,
         reward_fn: RewardFn,
@@ -149,7 +150,7 @@ class FrontierEvaluator:
             prompt_rewards - self.first_prompt_rewards
         )
         rows = [
-            {"step": step, "prompt": p, "completion": c, "reward": r, "log_ratio": lr}
+            {"step": step, "prompt": jsonable(p), "completion": c, "reward": r, "log_ratio": lr}
             for p, c, r, lr in zip(
                 samples.prompts, samples.completions, rewards.tolist(), log_ratios.tolist(), strict=True
             )

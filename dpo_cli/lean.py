@@ -200,6 +200,11 @@ def apply(model: torch.nn.Module, *, trim_heap: bool = False) -> int:
         ):
             module.forward = types.MethodType(_swiglu_forward, module)
             changed += 1
+    if not changed:
+        print(
+            f"lean: {type(model).__name__} has no Llama-family RMSNorm or SwiGLU MLP; its layers run as "
+            "transformers wrote them (trainer.lean_memory has no effect)"
+        )
     return changed
 
 

@@ -81,18 +81,12 @@ def model_token_logps(
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    shared = "label_source" in batch and attention in ("sdpa", "eager")
+    shared = "label_source" in batch and shares_prompts(model, batch)
     if shared:
-        visible = batch["prompt_attention"]
-        if attention == "eager":  # eager attention adds the mask to its scores
-            visible = torch.zeros(visible.shape, dtype=module.dtype, device=visible.device).masked_fill_(
-                ~visible, torch.finfo(module.dtype).min
-            )
         inputs = {
             "input_ids": batch["shared_input_ids"],
             "position_ids": batch["shared_position_ids"],
-            "attention_mask": visible,
+            "attention_mask": _attention_mask(module, batch["prompt_attention"]),
         }
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -130,6 +124,50 @@ def model_token_logps(
         selected = _ChunkedHeadLogps.apply(selected_hidden, head.weight, head.bias, labels[mask], rows)
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return per_token.masked_scatter(mask, selected), mask
+
+
+def shares_prompts(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether `model` scores the shared-prompt layout exactly. Its attention must take a 4-D mask (sdpa,
+    eager; not flash attention), and, checked once per model on the first batch it scores, the layout's
+    log-probs must equal those of the same batch's plain rows: a family whose attention or positions
+    ignore the layout falls back to one row per sequence, and says so once."""
+    module = getattr(model, "module", model)
+    known = getattr(module, "_shares_prompts", None)
+    if known is None:
+        attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        known = attention in ("sdpa", "eager") and _layouts_agree(model, batch)
+        module._shares_prompts = known
+        if not known:
+            print(
+                f"logps: {type(module).__name__} ({attention} attention) cannot score the shared-prompt "
+                "layout exactly; its sequences run one row each (trainer.share_prompts has no effect)"
+            )
+    return known
+
+
+@torch.no_grad()
+def _layouts_agree(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    module._shares_prompts = True  # score the layout itself once
+    try:
+        shared, mask = model_token_logps(model, batch)
+        plain, _ = model_token_logps(model, {k: v for k, v in batch.items() if k != "label_source"})
+    finally:
+        module.train(was_training)
+    tolerance = 1e-3 if shared.dtype == torch.float32 and module.dtype == torch.float32 else 5e-2
+    return bool(((shared - plain).abs() * mask).max() <= tolerance)
+
+
+def _attention_mask(module: torch.nn.Module, visible: torch.Tensor) -> torch.Tensor:
+    """The (R, 1, T, T) boolean layout as the model's attention takes it: eager attention adds the mask
+    to its scores (0 where visible, the dtype's minimum elsewhere); sdpa takes booleans."""
+    if module.config._attn_implementation != "eager":
+        return visible
+    return torch.zeros(visible.shape, dtype=module.dtype, device=visible.device).masked_fill_(
+        ~visible, torch.finfo(module.dtype).min
+    )
 
 
 def _transformer(model: torch.nn.Module) -> tuple[PreTrainedModel | None, contextlib.AbstractContextManager]:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -49,22 +48,34 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.tiny_hidden_size,
-        intermediate_size=cfg.tiny_hidden_size * 4,
-        num_hidden_layers=cfg.tiny_num_layers,
-        num_attention_heads=max(cfg.tiny_hidden_size // 16, 1),
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+    heads = max(cfg.tiny_hidden_size // 16, 1)
+    # transformers maps these generic names onto each family's own (GPT-2's n_embd, n_layer, ...).
+    sizes = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": cfg.tiny_hidden_size,
+        "intermediate_size": cfg.tiny_hidden_size * 4,
+        "num_hidden_layers": cfg.tiny_num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": True,
+    }
+    family = {
+        "gptj": {"rotary_dim": cfg.tiny_hidden_size // heads // 2, "n_inner": cfg.tiny_hidden_size * 4},
+        "gpt2": {"n_inner": cfg.tiny_hidden_size * 4},
+        "gemma2": {"head_dim": cfg.tiny_hidden_size // heads},
+        "gemma3_text": {"head_dim": cfg.tiny_hidden_size // heads},
+    }
+    config = AutoConfig.for_model(
+        str(cfg.tiny_architecture), **sizes, **family.get(cfg.tiny_architecture, {})
     )
     # Init from the run's seed so a tiny run is reproducible bit for bit.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def _package_dir(package: str) -> str:
@@ -100,7 +111,7 @@ def load_model(
         )
     elif cfg.name == "tiny":
         tokenizer = tiny_tokenizer()
-        return _tiny_model(cfg, tokenizer, seed).to(dtype), tokenizer
+        return without_dropout(_tiny_model(cfg, tokenizer, seed).to(dtype)), tokenizer
     elif cfg.python_package:
         source, kwargs = _package_dir(cfg.python_package), {"gguf_file": cfg.gguf_file}
     else:
@@ -108,7 +119,7 @@ def load_model(
     if checkpoint is None and Path(source).is_dir():
         check_weights(Path(source), "model.name_or_path")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = _hub_tokenizer(source, kwargs)
         if quantization is not None:
             kwargs |= {"quantization_config": quantization, "device_map": resolve_device("auto").type}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
@@ -125,6 +136,40 @@ def load_model(
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    return without_dropout(model), tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig, *, checkpoint: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` would return, without loading the weights (`dpo-run preview`)."""
+    if checkpoint is not None:
+        return _hub_tokenizer(str(checkpoint), {})
+    if cfg.name == "tiny":
+        return tiny_tokenizer()
+    if cfg.python_package:
+        return _hub_tokenizer(_package_dir(cfg.python_package), {"gguf_file": cfg.gguf_file})
+    try:
+        return _hub_tokenizer(cfg.name_or_path, {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {})
+    except OSError as err:
+        raise ConfigError(
+            f"the tokenizer of {cfg.name_or_path!r} could not be loaded: {str(err).splitlines()[0]}"
+        ) from err
+
+
+def _hub_tokenizer(source: str, kwargs: dict) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def without_dropout(model: PreTrainedModel) -> PreTrainedModel:
+    """Dropout off in every layer, as the paper's code and TRL do: DPO compares the policy's log-probs with
+    the reference's, and dropout (GPT-2's 0.1, Pythia's) would add noise to every log-ratio. Attention
+    dropout is a float attribute of the attention modules in transformers, read at every forward."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model

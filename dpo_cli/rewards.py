@@ -1,6 +1,8 @@
 """Reward functions: (prompts, completions) -> one float per completion, higher is better.
 
-Each scores the whole text (prompt + completion), as the paper's sentiment classifier scores whole reviews.
+Each scores the whole text (prompt + completion), as the paper's sentiment classifier scores whole
+reviews; for VADER and classifiers a conversation's text is its messages' contents (`chat.plain_text`), a
+`dpo-run rm` model reads the tokens it was trained on (chat template included).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dpo_cli.config import RewardConfig
+from dpo_cli.data.chat import Text, plain_text
 from dpo_cli.errors import ConfigError
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -95,7 +98,7 @@ def learned_reward(path: str | Path, device: torch.device, batch_size: int = 32)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.no_grad()
-    def score(prompts: list[str], completions: list[str]) -> list[float]:
+    def score(prompts: list[Text], completions: list[str]) -> list[float]:
         examples = tokenize_examples(
             [(p, [c]) for p, c in zip(prompts, completions, strict=True)],
             tokenizer,
@@ -112,10 +115,16 @@ def learned_reward(path: str | Path, device: torch.device, batch_size: int = 32)
 
 
 def make_reward_fn(cfg: RewardConfig, device: torch.device | None = None) -> RewardFn:
-    if cfg.name == "vader":
-        return vader_reward()
-    if cfg.name == "hf_classifier":
-        return hf_classifier_reward(cfg, device or torch.device("cpu"))
     if cfg.name == "model":
         return learned_reward(cfg.path, device or torch.device("cpu"), cfg.batch_size)
-    raise ConfigError(f"reward.name={cfg.name}: choose vader, hf_classifier or model")
+    if cfg.name == "vader":
+        score = vader_reward()
+    elif cfg.name == "hf_classifier":
+        score = hf_classifier_reward(cfg, device or torch.device("cpu"))
+    else:
+        raise ConfigError(f"reward.name={cfg.name}: choose vader, hf_classifier or model")
+
+    def on_text(prompts: list[Text], completions: list[Text]) -> list[float]:
+        return score([plain_text(p) for p in prompts], [plain_text(c) for c in completions])
+
+    return on_text

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_cli.data.chat import Text, encode_prompt
 from dpo_cli.distributed import synced_generation
 
 
@@ -16,7 +17,7 @@ class Samples:
     """`num_samples` rows per prompt, prompt-major. Token ids are the exact sampled ones (no re-tokenizing),
     so log-probs of the samples under any model score the very sequences that were drawn."""
 
-    prompts: list[str]
+    prompts: list[Text]
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     completions: list[str]
@@ -26,7 +27,7 @@ class Samples:
 def sample(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[Text],
     *,
     num_samples: int,
     max_new_tokens: int,
@@ -47,7 +48,10 @@ def sample(
     try:
         for start in tqdm(range(0, len(prompts), batch_size_prompts), desc=desc, unit="batch", leave=False):
             batch = prompts[start : start + batch_size_prompts]
-            enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+            # Encoded as training encodes them (a conversation through the chat template).
+            enc = tokenizer.pad(
+                {"input_ids": [encode_prompt(tokenizer, p) for p in batch]}, return_tensors="pt"
+            ).to(device)
             # temperature 0 is greedy decoding: one deterministic completion per prompt, repeated so the
             # rows keep their prompt-major layout (generate() refuses several greedy return sequences).
             greedy = temperature == 0
@@ -84,7 +88,7 @@ def sample(
 
 
 def sample_completions(
-    model, tokenizer, prompts: list[str], *, num_samples: int, **kwargs
+    model, tokenizer, prompts: list[Text], *, num_samples: int, **kwargs
 ) -> list[list[str]]:
     """`num_samples` completion texts per prompt (special tokens dropped)."""
     texts = sample(model, tokenizer, prompts, num_samples=num_samples, **kwargs).completions

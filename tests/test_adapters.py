@@ -70,7 +70,7 @@ def imdb_row(i: int) -> dict:
 
 
 def test_every_hub_adapter_is_registered():
-    assert set(HUB_ADAPTERS) == {"hh", "tldr", "shp", "imdb"}
+    assert set(HUB_ADAPTERS) == {"hh", "tldr", "shp", "imdb", "ultrafeedback"}
     assert set(HUB_ADAPTERS) <= set(ADAPTERS)
 
 

@@ -13,7 +13,7 @@ from dpo_cli.cli import main
 from dpo_cli.config import LossConfig, ModelConfig
 from dpo_cli.data.batches import TokenizedExample, collate, shared_prompt_layout, tokenize_examples
 from dpo_cli.logging import read_metrics
-from dpo_cli.logps import model_token_logps, token_logps
+from dpo_cli.logps import model_token_logps, shares_prompts, token_logps
 from dpo_cli.models import load_model
 from dpo_cli.objective import make_objective
 from dpo_cli.reference import (
@@ -182,8 +182,10 @@ def test_shared_prompts_keep_grouped_kv_heads_on_cpu(monkeypatch):
         calls.append((key.shape[1], kwargs.get("enable_gqa", False), kwargs["attn_mask"] is not None))
         return sdpa(query, key, value, **kwargs)
 
+    model = gqa_llama()
+    assert shares_prompts(model, batch)  # its one-off check runs before the calls are recorded
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
-    model_token_logps(gqa_llama(), batch)
+    model_token_logps(model, batch)
     assert calls == [(2, True, True)] * 2  # both layers
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # set for the forward only
 

@@ -49,8 +49,8 @@ def test_reproduction_script_runs_every_method_with_the_tiny_model(tmp_path):
     assert (root / "learning_curves.png").stat().st_size > 10_000
     results = (root / "results.md").read_text()
     for label in ["dpo beta=0.05", "dpo beta=5", "unlikelihood alpha=0.05", "unlikelihood alpha=1",
-                  "preferred_ft seed=2", "best-of-N N=16", "eval sft_best_of_n", "ppo beta=0.05", "ppo beta=1",
-                  "ppo_rm beta=0.1"]:  # fmt: skip
+                  "preferred_ft seed=2", "best-of-N N=16", "eval sft_best_of_n", "ppo beta=0.05",
+                  "ppo beta=1", "ppo_rm beta=0.1"]:  # fmt: skip
         assert f"| {label} |" in results, label
     assert "over 3 training seeds" in results and "over 3 sampling seeds" in results
     assert "Reward model (rm): held-out pair accuracy" in results

@@ -1,7 +1,8 @@
 """Datasets -> records (see DESIGN.md) -> the view a loss trains on.
 
-Records are plain dicts of one of four kinds:
-    pair:     {"prompt", "chosen", "rejected"}
+Records (dpo_cli/data/records.py) are plain dicts of one of four kinds, their prompts and completions text
+or conversations (dpo_cli/data/chat.py):
+    pair:     {"prompt", "chosen", "rejected"} (+ optional "score_chosen", "score_rejected")
     ranked:   {"prompt", "responses", "ranking"} (+ optional "rewards"), ranking = indices, best first
     sft:      {"prompt", "completion"}
     unpaired: {"prompt", "completion", "label"}, label true (desirable) or false (KTO)
@@ -13,171 +14,24 @@ Adapters for hub datasets plug into ADAPTERS: a function from DataConfig to a li
 
 from __future__ import annotations
 
-import gzip
 import itertools
-import json
-import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from dpo_cli.config import DataConfig
+from dpo_cli.data.chat import Text, as_transcripts
 from dpo_cli.data.hub import HUB_ADAPTERS
+from dpo_cli.data.records import EVAL_SPLITS, json_rows, read_jsonl, record_kind
 from dpo_cli.errors import ConfigError
+
+__all__ = ["json_rows", "read_jsonl", "record_kind"]  # re-exported: stages read their files through them
 
 SHIPPED_SENTIMENT = Path(__file__).resolve().parent / "sentiment" / "records.jsonl"
 SHIPPED_OPENINGS = Path(__file__).resolve().parent / "sentiment" / "openings.jsonl"
-EVAL_SPLITS = ("test", "eval", "validation", "heldout")
 
 # (prompt, completions) or, for unpaired examples, (prompt, completions, desirable).
-Example = tuple[str, list[str]] | tuple[str, list[str], bool]
-
-
-def json_rows(path: str | Path, name: str) -> Iterator[tuple[str, object]]:
-    """("<path> line N", value) of every non-blank line of a JSON-lines file, `.gz` ones decompressed and
-    a UTF-8 byte-order mark skipped. Every JSON-lines file the user names is read through here, so that a
-    file that cannot be read (missing, a directory, no permission, a symlink loop, bad gzip), bytes that
-    are not UTF-8 or a line that is not JSON are one ConfigError naming `name` (how the user gave the
-    file) or the line."""
-    path = Path(path)
-    number = 0
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as err:
-                    raise ConfigError(
-                        f"{path} line {number}: not UTF-8 text ({err.reason} at byte {err.start}); save the "
-                        "file as UTF-8"
-                    ) from None
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path} line {number}: not valid JSON ({err.msg})") from None
-                yield f"{path} line {number}", value
-    except FileNotFoundError:
-        raise ConfigError(f"{name} does not exist") from None
-    except (OSError, EOFError) as err:
-        detail = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        at = f" (after line {number})" if number else ""
-        raise ConfigError(f"{name} cannot be read{at}: {detail}") from None
-
-
-def _rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, row) of a records file: JSON lines (optionally gzipped), or a parquet file's rows (the
-    format the hub's datasets come in)."""
-    if path.suffix != ".parquet":
-        yield from json_rows(path, f"data file {path}")
-        return
-    import pyarrow.parquet
-
-    try:
-        table = pyarrow.parquet.read_table(path)
-    except (OSError, pyarrow.ArrowException) as err:
-        raise ConfigError(f"data file {path} cannot be read as parquet: {str(err).splitlines()[0]}") from None
-    for number, row in enumerate(table.to_pylist(), start=1):
-        yield f"{path} row {number}", row
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSON-lines (or `.jsonl.gz`, or parquet) file, each checked, all of one kind (pair,
-    ranked, sft or unpaired).
-
-    Read with the json module (not `datasets`' Arrow reader: it would parse the file a second time, and
-    importing it costs ~0.5 s and ~95 MiB of resident memory in every run), so an error names the line.
-    """
-    path = Path(path)
-    records, first_kind = [], None
-    for where, record in _rows(path):
-        if not isinstance(record, dict):
-            raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        kind = _check_record(record, where)
-        first_kind = first_kind or (kind, where.removeprefix(f"{path} "))
-        if kind != first_kind[0]:
-            raise ConfigError(
-                f"{where}: a {kind} record in a file of {first_kind[0]} records ({first_kind[1]}); "
-                "one file holds one kind"
-            )
-        records.append(record)
-    if not records:
-        raise ConfigError(f"{path} holds no records")
-    return records
-
-
-def _check_record(record: dict, where: str) -> str:
-    """Raise a one-line ConfigError naming `where` and the field if `record` is malformed; else its kind."""
-    kind = record_kind(record, where)
-    text_fields = {
-        "pair": ("prompt", "chosen", "rejected"),
-        "ranked": ("prompt",),
-        "sft": ("prompt", "completion"),
-        "unpaired": ("prompt", "completion"),
-    }
-    for name in text_fields[kind]:
-        if not isinstance(record.get(name), str):
-            raise ConfigError(f"{where}: field {name!r} must be a string")
-        _check_text(record[name], where, name)
-    if kind == "unpaired" and not isinstance(record["label"], bool):
-        raise ConfigError(f"{where}: field 'label' must be true (desirable) or false (undesirable)")
-    if "split" in record and not isinstance(record["split"], str):
-        raise ConfigError(
-            f"{where}: field 'split' must be a string (train, or one of {', '.join(EVAL_SPLITS)})"
-        )
-    if kind == "ranked":
-        responses, ranking, rewards = record["responses"], record["ranking"], record.get("rewards")
-        if not (
-            isinstance(responses, list) and all(isinstance(r, str) for r in responses) and len(responses) >= 2
-        ):
-            raise ConfigError(f"{where}: 'responses' must be a list of at least 2 strings")
-        for response in responses:
-            _check_text(response, where, "responses")
-        # bool is an int to Python, not an index to anyone.
-        if not (
-            isinstance(ranking, list)
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in ranking)
-            and sorted(ranking) == list(range(len(responses)))
-        ):
-            raise ConfigError(
-                f"{where}: 'ranking' must be a permutation of 0..{len(responses) - 1}, got {ranking}"
-            )
-        if rewards is not None and not (
-            isinstance(rewards, list)
-            and len(rewards) == len(responses)
-            and all(
-                isinstance(r, int | float) and not isinstance(r, bool) and math.isfinite(r) for r in rewards
-            )
-        ):
-            raise ConfigError(
-                f"{where}: 'rewards' must be a list of {len(responses)} finite numbers, one per response, "
-                f"got {rewards}"
-            )
-    return kind
-
-
-def _check_text(text: str, where: str, name: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:  # a lone surrogate ("\ud800" in the JSON): no tokenizer takes it
-        raise ConfigError(
-            f"{where}: field {name!r} holds {text[err.start : err.end]!r}, not valid Unicode (a lone "
-            "surrogate)"
-        ) from None
-
-
-def record_kind(record: dict, where: str = "record") -> str:
-    if "chosen" in record and "rejected" in record:
-        return "pair"
-    if "responses" in record and "ranking" in record:
-        return "ranked"
-    if "completion" in record:
-        return "unpaired" if "label" in record else "sft"
-    raise ConfigError(
-        f"{where}: expected fields prompt+chosen+rejected, prompt+responses+ranking, prompt+completion or "
-        f"prompt+completion+label; got {sorted(record)}"
-    )
+Example = tuple[Text, list[Text]] | tuple[Text, list[Text], bool]
 
 
 def _sentiment(cfg: DataConfig) -> list[dict]:
@@ -202,17 +56,23 @@ ADAPTERS: dict[str, Callable[[DataConfig], list[dict]]] = {
 def load_splits(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """(train, eval) records. Held-out prompts never appear in training."""
     records = ADAPTERS[cfg.name](cfg)
-    if cfg.eval_path:
-        return records, read_jsonl(cfg.eval_path)
+    held_out = read_jsonl(cfg.eval_path) if cfg.eval_path else None
+    if cfg.chat_template == "none":  # before anything compares prompts
+        records = [as_transcripts(r) for r in records]
+        held_out = held_out and [as_transcripts(r) for r in held_out]
+    if held_out is not None:
+        return records, held_out
     if any("split" in r for r in records):
         held_out = [r for r in records if r.get("split") in EVAL_SPLITS]
         return [r for r in records if r.get("split") not in EVAL_SPLITS], held_out
     # Split by prompt with a fixed RNG, not the run's seed: every run of an experiment sees one eval set.
-    prompts = sorted({r["prompt"] for r in records})
+    # Language-modelling records ({"text"}) have no prompt: each is its own group.
+    group = [r["prompt"] or r["completion"] for r in records]
+    prompts = sorted(set(group))
     random.Random(0).shuffle(prompts)
     held_out_prompts = set(prompts[: max(1, round(cfg.eval_fraction * len(prompts)))])
-    return [r for r in records if r["prompt"] not in held_out_prompts], [
-        r for r in records if r["prompt"] in held_out_prompts
+    return [r for r, g in zip(records, group, strict=True) if g not in held_out_prompts], [
+        r for r, g in zip(records, group, strict=True) if g in held_out_prompts
     ]
 
 
@@ -239,7 +99,9 @@ def sft_view(records: list[dict]) -> list[Example]:
 
 def pair_view(records: list[dict], *, min_reward_gap: float = 0.0) -> list[Example]:
     """(prompt, [chosen, rejected]). A ranked record gives every pair of its ranking (6 for K = 4, the
-    paper's sentiment setup) whose rewards, when given, differ by at least `min_reward_gap` (ties dropped)."""
+    paper's sentiment setup) whose rewards, when given, differ by at least `min_reward_gap` (ties dropped);
+    a pair with `score_chosen` and `score_rejected` (UltraFeedback's) is kept when they differ by at least
+    that much too."""
     examples: list[Example] = []
     identical = 0
     for r in records:
@@ -249,7 +111,11 @@ def pair_view(records: list[dict], *, min_reward_gap: float = 0.0) -> list[Examp
                 f"a preference loss needs pair or ranked records, got {kind} records (prompt+completion"
                 f"{'+label: loss=kto trains on them' if kind == 'unpaired' else ''})"
             )
-        pairs = [(r["chosen"], r["rejected"])] if kind == "pair" else []
+        scored = kind == "pair" and "score_chosen" in r and "score_rejected" in r
+        if not scored or r["score_chosen"] - r["score_rejected"] >= max(min_reward_gap, 1e-12):
+            pairs = [(r["chosen"], r["rejected"])] if kind == "pair" else []
+        else:
+            pairs = []
         rewards = r.get("rewards") if kind == "ranked" else None
         for better, worse in itertools.combinations(r["ranking"], 2) if kind == "ranked" else []:
             if rewards is None or rewards[better] - rewards[worse] >= max(min_reward_gap, 1e-12):
@@ -326,7 +192,7 @@ def example_splits(
             # Only ranked records with rewards lose pairs to the gap (others only as identical pairs).
             why = (
                 f"data.min_reward_gap={cfg.min_reward_gap} keeps only pairs whose rewards differ by that much"
-                if any("rewards" in r for r in records)
+                if any("rewards" in r or "score_chosen" in r for r in records)
                 else "see the record kinds in README 'Your own data'"
             )
             raise ConfigError(

@@ -21,7 +21,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_cli import distributed
 from dpo_cli.config import DataConfig
-from dpo_cli.data import Example
+from dpo_cli.data import Example, chat
+from dpo_cli.data.chat import Text
 from dpo_cli.errors import ConfigError
 
 Sequence = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, completion ids): a batch row's key
@@ -43,32 +44,37 @@ def tokenize_examples(
     *,
     max_prompt_length_tokens: int,
     max_length_tokens: int,
+    name: str = "",
 ) -> list[TokenizedExample]:
-    """Prompts keep their last `max_prompt_length_tokens` tokens; completions end with EOS and are cut
-    from the right so that prompt + completion fits `max_length_tokens`, EOS kept."""
-    cache: dict[str, list[int]] = {}
-
-    def ids(text: str, special: bool) -> list[int]:
-        key = ("S" if special else "N") + text
-        if key not in cache:
-            cache[key] = tokenizer(text, add_special_tokens=special)["input_ids"]
-        return cache[key]
-
+    """Token ids of each example as `chat.encode_prompt` / `chat.encode_completion` give them (text as it
+    is, conversations through the chat template). Prompts keep their last `max_prompt_length_tokens`
+    tokens; completions are cut from the right so that prompt + completion fits `max_length_tokens`, and
+    a cut completion still ends with EOS. `name` (training / held-out) is what the notes call them."""
+    prompts: dict[Text, list[int]] = {}
+    completions: dict[tuple[Text, Text], list[int]] = {}
     eos = tokenizer.eos_token_id
     out = []
-    long_prompts: set[str] = set()
-    for prompt, completions, *label in examples:
-        prompt_ids = ids(prompt, True)
+    long_prompts: set[Text] = set()
+    for prompt, texts, *label in examples:
+        if prompt not in prompts:
+            prompts[prompt] = chat.encode_prompt(tokenizer, prompt)
+        prompt_ids = prompts[prompt]
         if len(prompt_ids) > max_prompt_length_tokens:
             long_prompts.add(prompt)
             prompt_ids = prompt_ids[-max_prompt_length_tokens:]
-        budget = max_length_tokens - len(prompt_ids) - 1
-        completion_ids = tuple(tuple(ids(c, False)[:budget] + [eos]) for c in completions)
-        out.append(TokenizedExample(tuple(prompt_ids), completion_ids, *label))
+        room = max(max_length_tokens - len(prompt_ids), 1)  # EOS at least
+        completion_ids = []
+        for text in texts:
+            if (prompt, text) not in completions:
+                completions[prompt, text] = chat.encode_completion(tokenizer, prompt, text)
+            ids = completions[prompt, text]
+            completion_ids.append(tuple(ids if len(ids) <= room else [*ids[: room - 1], eos]))
+        out.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids), *label))
     if long_prompts:
         print(
-            f"data: {len(long_prompts)} prompt(s) longer than data.max_prompt_length_tokens="
-            f"{max_prompt_length_tokens} were cut from the left (their ends kept)"
+            f"data: {len(long_prompts)} {name + ' ' if name else ''}prompt(s) longer than "
+            f"data.max_prompt_length_tokens={max_prompt_length_tokens} were cut from the left (their ends "
+            "kept)"
         )
     return out
 
@@ -171,14 +177,16 @@ def tokenize_splits(
     splits: tuple[list[Example], list[Example]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
 ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
     """Both splits of `example_splits`, tokenized with the data config's length budgets."""
+    chat.use_template(tokenizer, cfg.chat_template)
     train, held_out = (
         tokenize_examples(
             examples,
             tokenizer,
             max_prompt_length_tokens=cfg.max_prompt_length_tokens,
             max_length_tokens=cfg.max_length_tokens,
+            name=name,
         )
-        for examples in splits
+        for examples, name in zip(splits, ("training", "held-out"), strict=True)
     )
     return train, held_out
 
@@ -306,6 +314,23 @@ class TrainData:
 
     def load_state_dict(self, state: None) -> None:
         pass
+
+
+def fit_batch_to_data(cfg: DictConfig, num_examples: int) -> None:
+    """A batch larger than the whole training set (a file of a few records) shrinks to the set: to the
+    largest multiple of the ranks that fits, its micro-batch to the largest divisor of its per-rank share
+    not above the configured one. Said in one line; config.yaml records the batch the run trains with."""
+    t, ranks = cfg.trainer, distributed.expected_world_size(cfg)
+    if num_examples >= t.batch_size_examples or num_examples < ranks:
+        return
+    batch = num_examples - num_examples % ranks
+    per_rank = batch // ranks
+    micro = max(m for m in range(1, min(t.microbatch_size_examples, per_rank) + 1) if per_rank % m == 0)
+    print(
+        f"data: {num_examples} training examples, fewer than trainer.batch_size_examples="
+        f"{t.batch_size_examples}: batches of {batch} (micro-batches of {micro})"
+    )
+    t.batch_size_examples, t.microbatch_size_examples = batch, micro
 
 
 def total_steps(t: DictConfig, num_examples: int) -> int:

@@ -7,11 +7,15 @@
                 -> SFT records of the human reference summaries; prompt = post + "\\nTL;DR:" in both
     data=shp    stanfordnlp/SHP (history, human_ref_A, human_ref_B, labels: 1 when A is preferred) -> pairs
     data=imdb   stanfordnlp/imdb (text, label) -> SFT records: a 2-8 word prefix of a review -> the rest
+    data=ultrafeedback  HuggingFaceH4/ultrafeedback_binarized: train_prefs/test_prefs (prompt, chosen,
+                rejected: conversations, score_chosen, score_rejected) -> conversational pairs; with
+                `data.demonstrations` train_sft/test_sft (messages) -> conversational SFT records
+    data=hh data.format=chat   the HH transcripts as conversations (user / assistant turns)
 
 Rows come through `datasets`: the hub's train and test splits of `data.hub_id`, or `data.path`, a local copy
 in the source's own schema: one JSONL / JSON / parquet file (held-out prompts are then split off by
-`data.eval_fraction`) or a directory of them whose file names give the splits (`train*`, `test*`), as
-`huggingface-cli download --repo-type dataset` writes it.
+`data.eval_fraction`) or a directory of them whose file names give the splits (`train*`, `test*`;
+`data/train_prefs-00000-of-00001.parquet`), as `huggingface-cli download --repo-type dataset` writes it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dpo_cli.config import DataConfig
+from dpo_cli.data.chat import parse_transcript
+from dpo_cli.data.records import normalize
 from dpo_cli.errors import ConfigError
 
 SPLITS = ("train", "test")
@@ -59,6 +65,29 @@ def hh_record(row: Row) -> dict | None:
     if not rejected.startswith(prompt):
         return None
     return {"prompt": prompt, "chosen": chosen[len(prompt) :], "rejected": rejected[len(prompt) :]}
+
+
+def hh_chat_record(row: Row) -> dict | None:
+    """An HH pair as conversations: the turns both transcripts share, then each one's last reply; None
+    when they differ before it or do not end with the assistant."""
+    chosen, rejected = parse_transcript(row["chosen"]), parse_transcript(row["rejected"])
+    if not (chosen and rejected) or chosen[:-1] != rejected[:-1] or chosen[-1].role != "assistant":
+        return None
+    if rejected[-1].role != "assistant" or len(chosen) < 2:
+        return None
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+def ultrafeedback_pair_record(row: Row) -> dict:
+    """A binarized UltraFeedback preference row: chosen and rejected are whole conversations (the user's
+    turn, then the reply), read as a records file's row is (`records.normalize`)."""
+    fields = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
+    return normalize({k: row[k] for k in fields}, f"ultrafeedback prompt_id {row.get('prompt_id')}")[0]
+
+
+def ultrafeedback_sft_record(row: Row) -> dict:
+    """A binarized UltraFeedback SFT row: `messages`, its last assistant message the completion."""
+    return normalize({"messages": row["messages"]}, f"ultrafeedback prompt_id {row.get('prompt_id')}")[0]
 
 
 def tldr_prompt(post: str) -> str:
@@ -121,14 +150,16 @@ def _hub_unreachable(cfg: DataConfig, hub_id: str, schema_columns: str, err: Exc
     )
 
 
-def _hub_rows(cfg: DataConfig, hub_id: str, schema_columns: str) -> list[tuple[str | None, Row]]:
+def _hub_rows(
+    cfg: DataConfig, hub_id: str, schema_columns: str, splits: tuple[str, str]
+) -> list[tuple[str | None, Row]]:
     import datasets
 
     limit = f"[:{cfg.max_records}]" if cfg.max_records else ""
     rows: list[tuple[str | None, Row]] = []
-    for split in SPLITS:
+    for split, name in zip(SPLITS, splits, strict=True):
         try:
-            table = datasets.load_dataset(hub_id, split=f"{split}{limit}")
+            table = datasets.load_dataset(hub_id, split=f"{name}{limit}")
         except datasets.exceptions.DatasetNotFoundError as err:
             raise ConfigError(
                 f"data.hub_id={hub_id}: not found on the Hugging Face hub (or gated: `huggingface-cli "
@@ -149,9 +180,9 @@ def _local_format(path: Path) -> str:
     )
 
 
-def _local_rows(cfg: DataConfig, path: Path) -> list[tuple[str | None, Row]]:
+def _local_rows(cfg: DataConfig, path: Path, names: tuple[str, str]) -> list[tuple[str | None, Row]]:
     """A file: every row, no split (held-out prompts are split off later). A directory: its train and test
-    splits, as `datasets` infers them from the file names."""
+    splits (`names`: the source's names for them), as `datasets` infers them from the file names."""
     import datasets
 
     if not path.exists():
@@ -165,23 +196,39 @@ def _local_rows(cfg: DataConfig, path: Path) -> list[tuple[str | None, Row]]:
         raise ConfigError(
             f"data.path={path}: cannot be read by `datasets` ({str(err).splitlines()[0]})"
         ) from err
-    if "train" not in splits:
+    train, test = names
+    if train not in splits:
         raise ConfigError(
-            f"data.path={path}: no train split among its files ({', '.join(splits)}); name them train*, test*"
+            f"data.path={path}: no {train} split among its files ({', '.join(splits)}); name them {train}*, "
+            f"{test}*"
         )
-    if "test" not in splits:
-        return [(None, row) for row in splits["train"].to_list()[: cfg.max_records]]
-    return [(split, row) for split in SPLITS for row in splits[split].to_list()[: cfg.max_records]]
+    if test not in splits:
+        return [(None, row) for row in splits[train].to_list()[: cfg.max_records]]
+    return [
+        (split, row)
+        for split, name in zip(SPLITS, names, strict=True)
+        for row in splits[name].to_list()[: cfg.max_records]
+    ]
 
 
-def adapt(cfg: DataConfig, hub_id: str, schemas: list[Schema], why_dropped: str = "") -> list[dict]:
+def adapt(
+    cfg: DataConfig,
+    hub_id: str,
+    schemas: list[Schema],
+    why_dropped: str = "",
+    splits: tuple[str, str] = SPLITS,
+) -> list[dict]:
     """Records of every source row (local copy or hub), each by the first schema whose columns it has,
-    tagged with its split (train / test) when the source has splits."""
+    tagged with its split (train / test) when the source has splits (`splits`: the source's names of
+    its train and test splits)."""
     import datasets
 
     datasets.disable_progress_bars()
     schema_columns = " | ".join(", ".join(columns) for columns, _ in schemas)
-    rows = _local_rows(cfg, Path(cfg.path)) if cfg.path else _hub_rows(cfg, hub_id, schema_columns)
+    if cfg.path:
+        rows = _local_rows(cfg, Path(cfg.path), splits)
+    else:
+        rows = _hub_rows(cfg, hub_id, schema_columns, splits)
     source = f"data.path={cfg.path}" if cfg.path else hub_id
     records: list[dict] = []
     dropped = 0
@@ -208,6 +255,12 @@ def adapt(cfg: DataConfig, hub_id: str, schemas: list[Schema], why_dropped: str 
 # ---------------------------------------------------------------------------------------------------------
 
 HH_SCHEMA: Schema = (("chosen", "rejected"), hh_record)
+HH_CHAT_SCHEMA: Schema = (("chosen", "rejected"), hh_chat_record)
+ULTRAFEEDBACK_PAIR_SCHEMA: Schema = (
+    ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
+    ultrafeedback_pair_record,
+)
+ULTRAFEEDBACK_SFT_SCHEMA: Schema = (("messages",), ultrafeedback_sft_record)
 TLDR_PAIR_SCHEMA: Schema = (("prompt", "chosen", "rejected"), tldr_pair_record)
 TLDR_SFT_SCHEMA: Schema = (("prompt", "label"), tldr_sft_record)
 SHP_SCHEMA: Schema = (("history", "human_ref_A", "human_ref_B", "labels"), shp_record)
@@ -216,7 +269,8 @@ IMDB_SCHEMA: Schema = (("text",), imdb_record)
 
 def hh(cfg: DataConfig) -> list[dict]:
     """Anthropic HH: preference pairs of single-turn dialogue continuations."""
-    return adapt(cfg, cfg.hub_id, [HH_SCHEMA], "no Assistant turn, or chosen and rejected differ before it")
+    schema = HH_CHAT_SCHEMA if cfg.format == "chat" else HH_SCHEMA
+    return adapt(cfg, cfg.hub_id, [schema], "no Assistant turn, or chosen and rejected differ before it")
 
 
 def tldr(cfg: DataConfig) -> list[dict]:
@@ -239,9 +293,18 @@ def imdb(cfg: DataConfig) -> list[dict]:
     return adapt(cfg, cfg.hub_id, [IMDB_SCHEMA], "review no longer than its 2-8 word prefix")
 
 
+def ultrafeedback(cfg: DataConfig) -> list[dict]:
+    """UltraFeedback binarized: conversational pairs with scores (train_prefs/test_prefs), or with
+    `data.demonstrations` the SFT conversations (train_sft/test_sft)."""
+    if cfg.demonstrations:
+        return adapt(cfg, cfg.hub_id, [ULTRAFEEDBACK_SFT_SCHEMA], splits=("train_sft", "test_sft"))
+    return adapt(cfg, cfg.hub_id, [ULTRAFEEDBACK_PAIR_SCHEMA], splits=("train_prefs", "test_prefs"))
+
+
 HUB_ADAPTERS: dict[str, Callable[[DataConfig], list[dict]]] = {
     "hh": hh,
     "tldr": tldr,
     "shp": shp,
     "imdb": imdb,
+    "ultrafeedback": ultrafeedback,
 }

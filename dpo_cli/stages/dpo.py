@@ -15,10 +15,11 @@ import torch
 from omegaconf import DictConfig
 
 from dpo_cli import adapters
-from dpo_cli.data import example_splits, pair_view, ranked_view, unpaired_view
+from dpo_cli.data import Example, example_splits, pair_view, ranked_view, unpaired_view
 from dpo_cli.data.batches import (
     RefTable,
     TokenizedExample,
+    fit_batch_to_data,
     make_batches,
     tokenize_splits,
     training_data,
@@ -40,15 +41,21 @@ from dpo_cli.reference import (
 )
 
 
-def run(cfg: DictConfig, run_dir: Path) -> None:
-    spec = LOSSES[cfg.loss.name]
-    sft_dir = rundir.find_sft_checkpoint(cfg)
+def data_view(cfg: DictConfig) -> Callable[[list[dict]], list[Example]]:
+    """The view of the records that the loss trains on: pairs, rankings or unpaired examples."""
     views = {
         "pairs": partial(pair_view, min_reward_gap=cfg.data.min_reward_gap),
         "rankings": ranked_view,
         "unpaired": unpaired_view,
     }
-    *splits, eval_records = example_splits(cfg.data, views[spec.examples])
+    return views[LOSSES[cfg.loss.name].examples]
+
+
+def run(cfg: DictConfig, run_dir: Path) -> None:
+    spec = LOSSES[cfg.loss.name]
+    sft_dir = rundir.find_sft_checkpoint(cfg)
+    *splits, eval_records = example_splits(cfg.data, data_view(cfg))
+    fit_batch_to_data(cfg, len(splits[0]))
     run = rundir.prepare(cfg, run_dir)
     print(f"dpo: policy init and reference = {sft_dir}")
     policy, tokenizer = load_model(

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dpo_cli.data import example_splits, pair_view
-from dpo_cli.data.batches import Batch, make_batches, tokenize_splits, training_data
+from dpo_cli.data.batches import Batch, fit_batch_to_data, make_batches, tokenize_splits, training_data
 from dpo_cli.engine import loop, rundir
 from dpo_cli.engine.backends import backend_class
 from dpo_cli.errors import ConfigError
@@ -61,6 +61,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         )
     sft_dir = rundir.find_sft_checkpoint(cfg)
     *splits, _ = example_splits(cfg.data, partial(pair_view, min_reward_gap=cfg.data.min_reward_gap))
+    fit_batch_to_data(cfg, len(splits[0]))
     run = rundir.prepare(cfg, run_dir)
     print(f"rm: reward model init = {sft_dir} with a scalar head")
     model, tokenizer = load_reward_model(cfg, sft_dir)

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from dpo_cli import adapters
 from dpo_cli.data import example_splits, sft_view
-from dpo_cli.data.batches import make_batches, tokenize_splits, training_data
+from dpo_cli.data.batches import fit_batch_to_data, make_batches, tokenize_splits, training_data
 from dpo_cli.engine import loop, rundir
 from dpo_cli.engine.backends import backend_class
 from dpo_cli.evaluate import make_frontier
@@ -20,6 +20,7 @@ from dpo_cli.objective import make_objective
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
     *splits, eval_records = example_splits(cfg.data, sft_view)
+    fit_batch_to_data(cfg, len(splits[0]))
     run = rundir.prepare(cfg, run_dir)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed, quantization=adapters.quantization(cfg))
     Backend = backend_class(cfg)

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_cli.checkpoints import check_weights
 from dpo_cli.data import json_rows, load_splits, record_kind
+from dpo_cli.data.chat import Text, jsonable, plain_text
 from dpo_cli.engine import rundir
 from dpo_cli.errors import ConfigError
 from dpo_cli.judge import Comparison, make_judge, summarize
@@ -51,7 +52,7 @@ COLUMNS = [
     "judge",
 ]
 # Baseline texts by (prompt, temperature); temperature None: the prompt's text at any temperature.
-Baselines = dict[tuple[str, float | None], str]
+Baselines = dict[tuple[Text, float | None], str]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,13 +64,13 @@ def reference_text(record: dict) -> str:
     """A held-out record's reference: its demonstration, its chosen response, or the best of its ranking."""
     kind = record_kind(record)
     if kind == "sft":
-        return record["completion"]
+        return plain_text(record["completion"])
     if kind == "pair":
-        return record["chosen"]
-    return record["responses"][record["ranking"][0]]
+        return plain_text(record["chosen"])
+    return plain_text(record["responses"][record["ranking"][0]])
 
 
-def dataset_baselines(records: list[dict], num_prompts: int) -> tuple[list[str], Baselines]:
+def dataset_baselines(records: list[dict], num_prompts: int) -> tuple[list[Text], Baselines]:
     """The first `num_prompts` distinct held-out prompts and the reference of each (its first record's)."""
     baselines: Baselines = {}
     for record in records:
@@ -104,11 +105,11 @@ def samples_file_baselines(path: Path, num_prompts: int) -> tuple[list[str], Bas
     return prompts, baselines
 
 
-def baseline_text(baselines: Baselines, prompt: str, temperature: float) -> str:
+def baseline_text(baselines: Baselines, prompt: Text, temperature: float) -> str:
     return baselines.get((prompt, float(temperature)), baselines[prompt, None])
 
 
-def load_baselines(cfg: DictConfig) -> tuple[list[str], Baselines, str]:
+def load_baselines(cfg: DictConfig) -> tuple[list[Text], Baselines, str]:
     """(prompts, baselines, the baseline's name for winrate.csv)."""
     if cfg.baseline == "dataset":
         _, held_out = load_splits(cfg.data)
@@ -125,7 +126,7 @@ def load_baselines(cfg: DictConfig) -> tuple[list[str], Baselines, str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def policy_completions(cfg: DictConfig, model, tokenizer, prompts: list[str], temperature: float, reward_fn):
+def policy_completions(cfg: DictConfig, model, tokenizer, prompts: list[Text], temperature: float, reward_fn):
     """One completion per prompt: a sample (`method=policy`), or the best of `n` by reward (`best_of_n`)."""
     w = cfg.winrate
     n = cfg.n if cfg.method == "best_of_n" else 1
@@ -295,12 +296,14 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         for step, temperature in enumerate(cfg.temperatures):
             completions = policy_completions(cfg, model, tokenizer, prompts, temperature, reward_fn)
             samples_file.writelines(
-                json.dumps({"temperature": temperature, "method": method, "prompt": p, "completion": c})
+                json.dumps(
+                    {"temperature": temperature, "method": method, "prompt": jsonable(p), "completion": c}
+                )
                 + "\n"
                 for p, c in zip(prompts, completions, strict=True)
             )
             comparisons = [
-                Comparison(p, c, baseline_text(baselines, p, temperature))
+                Comparison(plain_text(p), c, baseline_text(baselines, p, temperature))
                 for p, c in zip(prompts, completions, strict=True)
             ]
             judgments = [{"temperature": temperature, **j} for j in judge(comparisons)]
