@@ -149,6 +149,11 @@ def save_model(
     """A `save_pretrained` model + tokenizer dir, loadable by `AutoModelForCausalLM.from_pretrained`
     (`state_dict`: these weights instead of the model's own, e.g. gathered from ZeRO shards)."""
 
+    if hasattr(model, "value_head"):
+        # PPO's value head trains and is checkpointed with the policy; final/ is the policy alone.
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("value_head.")}
+
     def write(tmp: Path) -> None:
         _save_pretrained(model, tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
@@ -178,7 +183,14 @@ def load_trained_weights(model: torch.nn.Module, path: Path) -> None:
 
         set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     else:
-        model.load_state_dict(type(model).from_pretrained(path).state_dict())
+        state = type(model).from_pretrained(path).state_dict()
+        # Modules a stage adds to the model (PPO's value head) are saved with it but unknown to its class.
+        added = model.state_dict().keys() - state.keys()
+        if added:
+            from safetensors.torch import load_file
+
+            state |= {k: v for k, v in load_file(path / "model.safetensors").items() if k in added}
+        model.load_state_dict(state)
 
 
 def save_deepspeed_resumable(ds_engine: Any, path: Path, state: dict[str, Any]) -> Path:

@@ -29,6 +29,8 @@ class Stage(StrEnum):
     prefs = "prefs"
     eval = "eval"
     winrate = "winrate"
+    rm = "rm"
+    ppo = "ppo"
 
 
 class Loss(StrEnum):
@@ -155,6 +157,14 @@ class LoggerMode(StrEnum):
 class RewardName(StrEnum):
     vader = "vader"
     hf_classifier = "hf_classifier"
+    model = "model"
+
+
+class PPOAlgorithm(StrEnum):
+    """`dpo-run ppo ppo.algorithm=...`."""
+
+    ppo = "ppo"
+    rloo = "rloo"
 
 
 class JudgeName(StrEnum):

@@ -40,6 +40,11 @@ STAGES: dict[str, tuple[str, str]] = {
         "dpo_cli.stages.winrate",
         "win rate of checkpoint=PATH vs a baseline by a judge, per temperature",
     ),
+    "rm": ("dpo_cli.stages.rm", "reward model: the SFT model + a scalar head, Bradley-Terry on the pairs"),
+    "ppo": (
+        "dpo_cli.stages.ppo",
+        "PPO (or ppo.algorithm=rloo) on reward= or ppo.reward_model_path, KL to SFT",
+    ),
 }
 # Commands that are not training stages: they read run dirs, and start no Hydra job.
 COMMANDS: dict[str, tuple[str, str]] = {

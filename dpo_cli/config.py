@@ -41,6 +41,7 @@ from dpo_cli.choices import (
 from dpo_cli.config_stages import (
     EvalConfig,
     JudgeConfig,
+    PPOConfig,
     PrefsConfig,
     PreviewConfig,
     RewardConfig,
@@ -240,7 +241,7 @@ class PeftConfig:
 class TrainerConfig:
     engine: Engine = Engine.single
     """single: one process (CPU or one GPU) | deepspeed: DeepSpeed ZeRO across `num_processes` ranks per node
-    (trainer=zero2 / trainer=zero3; sft and dpo only, other stages run in one process)."""
+    (trainer=zero2 / trainer=zero3; the training stages sft, dpo, rm and ppo; others run in one)."""
     optimizer: Optimizer = Optimizer.rmsprop
     """rmsprop (the paper's choice) | adamw."""
     weight_decay: float = 0.0
@@ -458,6 +459,7 @@ class Config:
     winrate: WinrateConfig = field(default_factory=WinrateConfig)
     ref: RefConfig = field(default_factory=RefConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     @staticmethod
     def problems(c: DictConfig) -> list[str]:
@@ -554,14 +556,28 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         *PreviewConfig.problems(cfg.preview),
         *JudgeConfig.problems(cfg.judge),
         *WinrateConfig.problems(cfg.winrate),
+        *PPOConfig.problems(cfg.ppo),
     ]
     if cfg.stage == Stage.sft and cfg.loss.name != Loss.sft:
         p.append(f"stage sft trains with loss=sft, not loss={cfg.loss.name}")
     if cfg.stage == Stage.dpo and cfg.loss.name == Loss.sft:
         preference = ", ".join(loss for loss in Loss if loss != Loss.sft)
         p.append(f"loss=sft belongs to `dpo-run sft`; preference stages take one of {preference}")
+    if cfg.stage == Stage.ppo:
+        p += _ppo_problems(cfg)
     if p:
         raise ConfigError("; ".join(p))
+
+
+def _ppo_problems(cfg: DictConfig) -> list[str]:
+    """A rollout of `dpo-run ppo` must split into whole prompts (rloo: `rloo_k` completions each)."""
+    rollout = cfg.ppo.num_mini_batches * cfg.trainer.batch_size_examples
+    if cfg.ppo.algorithm == "rloo" and rollout % cfg.ppo.rloo_k:
+        return [
+            f"ppo.algorithm=rloo: a rollout of ppo.num_mini_batches x trainer.batch_size_examples = "
+            f"{rollout} completions must be a multiple of ppo.rloo_k={cfg.ppo.rloo_k}"
+        ]
+    return []
 
 
 # What each stage reads: its config.yaml, wandb config and `dpo-run STAGE --help` show these keys only
@@ -588,6 +604,8 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
               "trainer.num_threads"),
     "winrate": (*_EVERY_STAGE, "checkpoint", "sft_checkpoint", "temperatures", "baseline", "method", "n",
                 "winrate", "judge", "reward", "data", "trainer.device", "trainer.num_threads", "logger"),
+    "rm": (*_EVERY_STAGE, "lr", "sft_checkpoint", "trainer", "peft", "logger", *_SAMPLES),
+    "ppo": (*_EVERY_STAGE, "lr", "beta", "sft_checkpoint", "ppo", "trainer", "peft", "logger", *_SAMPLES),
 }  # fmt: skip
 
 

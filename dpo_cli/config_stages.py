@@ -1,16 +1,18 @@
 """The schema of the groups that sample, score and judge: `reward`, `eval` (frontier points and `dpo-run
-eval`), `prefs` (`dpo-run prefs`), `judge` and `winrate` (`dpo-run winrate`). dpo_cli/config.py assembles
-them into the root config; each group's range and cross-field checks are its `problems`.
+eval`), `prefs` (`dpo-run prefs`), `judge` and `winrate` (`dpo-run winrate`), `ppo` (`dpo-run ppo`).
+dpo_cli/config.py assembles them into the root config; each group's range and cross-field checks are
+its `problems`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dpo_cli.choices import JudgeName, JudgeTemplate, RewardName
+from dpo_cli.choices import JudgeName, JudgeTemplate, PPOAlgorithm, RewardName
 
 
 def at_least(prefix: str, node: DictConfig, low: float, *keys: str) -> list[str]:
@@ -37,7 +39,10 @@ def positive(prefix: str, node: DictConfig, *keys: str) -> list[str]:
 @dataclass
 class RewardConfig:
     name: RewardName = RewardName.vader
-    """vader: VADER compound sentiment in [-1, 1] (offline) | hf_classifier: a label's probability."""
+    """vader: VADER compound sentiment in [-1, 1] (offline) | hf_classifier: a label's probability |
+    model: the scalar score of a reward model trained by `dpo-run rm` (`path`)."""
+    path: str = ""
+    """model: the reward model's dir (a `dpo-run rm` run's final/)."""
     model_name_or_path: str = ""
     """hf_classifier: hub id or local dir of a sequence-classification model."""
     label: str = "POSITIVE"
@@ -52,6 +57,10 @@ class RewardConfig:
         p = []
         if r.name == RewardName.hf_classifier and not r.model_name_or_path:
             p.append("reward=hf_classifier needs reward.model_name_or_path=HUB_ID_OR_DIR")
+        if r.name == RewardName.model and not r.path:
+            p.append("reward=model needs reward.path=DIR (the final/ of a `dpo-run rm` run)")
+        if r.path and r.name != RewardName.model:
+            p.append(f"reward.path={r.path} is read by reward=model only, not reward={r.name}")
         return p + at_least("reward.", r, 1, "batch_size", "max_length_tokens")
 
 
@@ -201,3 +210,66 @@ class WinrateConfig:
         return at_least("winrate.", w, 1, "num_prompts", "max_new_tokens", "batch_size_prompts") + at_least(
             "winrate.", w, 0, "seed"
         )
+
+
+@dataclass
+class PPOConfig:
+    """`dpo-run ppo`: the paper's RL baseline on the KL-penalised reward (Eq. 3), its KL coefficient the
+    top-level `beta` (TRL's kl_coef). Names follow TRL's PPOConfig / RLOOConfig where they have the key.
+
+    Every rollout samples one completion (ppo) or `rloo_k` (rloo) for each of its prompts from the current
+    policy, `ppo.num_mini_batches * trainer.batch_size_examples` completions in all; then
+    `num_ppo_epochs` passes over them, each in `num_mini_batches` optimizer steps of
+    trainer.batch_size_examples completions. `trainer.max_steps` counts optimizer steps."""
+
+    algorithm: PPOAlgorithm = PPOAlgorithm.ppo
+    """ppo: per-token KL penalty, a value head on the policy, GAE, clipped policy and value losses |
+    rloo: REINFORCE with a leave-one-out baseline over `rloo_k` samples per prompt, no value head."""
+    num_ppo_epochs: int = 4
+    """Passes over each rollout's samples."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass over a rollout (each of trainer.batch_size_examples completions)."""
+    cliprange: float = 0.2
+    """epsilon of the clipped surrogate: the policy ratio is clipped to [1 - eps, 1 + eps]."""
+    cliprange_value: float = 0.2
+    """ppo: the value estimate moves at most this far from the rollout's before its error is clipped."""
+    vf_coef: float = 0.1
+    """ppo: weight of the value loss beside the policy loss (the value head shares the policy's body)."""
+    gamma: float = 1.0
+    """ppo: discount over the completion's tokens, in [0, 1]."""
+    lam: float = 0.95
+    """ppo: GAE's lambda, in [0, 1]."""
+    whiten_rewards: bool = False
+    """ppo: normalise the per-token rewards of each rollout (advantages are always whitened)."""
+    rloo_k: int = 4
+    """rloo: completions sampled per prompt (>= 2); each one's baseline is the mean reward of the others."""
+    response_length: int = 24
+    """Tokens sampled per completion (at temperature 1: the policy's own distribution, which the
+    importance ratios and the KL penalty assume)."""
+    reward_model_path: str | None = None
+    """Train on the score of this reward model (a `dpo-run rm` final/ dir) instead of `reward=`, which
+    still scores the frontier's eval points (PPO with a learned reward vs PPO-GT)."""
+
+    @staticmethod
+    def problems(c: DictConfig) -> list[str]:
+        p = at_least("ppo.", c, 1, "num_ppo_epochs", "num_mini_batches", "response_length")
+        p += positive("ppo.", c, "cliprange", "cliprange_value") + at_least("ppo.", c, 0, "vf_coef")
+        p += at_least("ppo.", c, 2, "rloo_k")
+        for key in ("gamma", "lam"):
+            if not 0 <= c[key] <= 1:
+                p.append(f"ppo.{key}={c[key]}: must be in [0, 1]")
+        if c.reward_model_path and not (Path(c.reward_model_path) / "config.json").is_file():
+            p.append(f"ppo.reward_model_path={c.reward_model_path}: not a model dir (no config.json)")
+        # A key the algorithm does not read must stay at its default: set, it would be ignored.
+        defaults = PPOConfig()
+        for key, algorithm in PPO_ONLY_KEYS.items():
+            if c.algorithm != algorithm and c[key] != getattr(defaults, key):
+                p.append(f"ppo.{key}={c[key]} only applies to ppo.algorithm={algorithm}, not {c.algorithm}")
+        return p
+
+
+PPO_ONLY_KEYS = {
+    **dict.fromkeys(("cliprange_value", "vf_coef", "gamma", "lam", "whiten_rewards"), PPOAlgorithm.ppo),
+    "rloo_k": PPOAlgorithm.rloo,
+}
+"""The `ppo.*` keys that one algorithm reads, and which."""

@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from dpo_cli.errors import ConfigError
 
 # Stages that train, and so run as several ranks under DeepSpeed; the others always run in one process.
-TRAINING_STAGES = ("sft", "dpo")
+TRAINING_STAGES = ("sft", "dpo", "rm", "ppo")
 LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE")
 
 

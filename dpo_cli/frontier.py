@@ -51,6 +51,9 @@ METHOD_STYLE: dict[str, tuple[str, str]] = {
     "plackett_luce": ("PuRd", "^"),
     "unlikelihood": ("Oranges", "v"),
     "preferred_ft": ("Greens", "P"),
+    "ppo": ("RdPu", "p"),
+    "ppo_rm": ("YlOrRd", "8"),
+    "rloo": ("BuGn", "d"),
     "eval": ("YlOrBr", "X"),
     "best-of-N": ("Greys", "h"),
 }
@@ -62,6 +65,10 @@ def run_label(cfg: DictConfig) -> str:
     stage = OmegaConf.select(cfg, "stage", default=None)
     if stage == "eval":
         return f"eval {OmegaConf.select(cfg, 'run_name', default='?')}"
+    if stage == "ppo":  # PPO-GT (the true reward), PPO on a learned reward model (ppo_rm), or RLOO
+        algorithm = OmegaConf.select(cfg, "ppo.algorithm", default="ppo")
+        learned = OmegaConf.select(cfg, "ppo.reward_model_path", default=None)
+        return f"{algorithm}{'_rm' if learned else ''} beta={OmegaConf.select(cfg, 'beta'):g}"
     method = OmegaConf.select(cfg, "loss.name", default=None) or str(stage)
     if stage == "sft" or method == "sft":
         return "sft"

@@ -55,6 +55,20 @@ def seed_spreads(root: Path) -> list[str]:
     return lines
 
 
+def reward_model_accuracy(root: Path) -> list[str]:
+    """The held-out pair accuracy of the reward model PPO trained on (`dpo-run rm`)."""
+    lines = []
+    for run_dir in sorted(p.parent for p in root.glob("rm/*/metrics.jsonl")):
+        evals = [m for m in read_metrics(run_dir) if "eval/rewards/accuracies" in m]
+        if evals:
+            first, last = evals[0]["eval/rewards/accuracies"], evals[-1]["eval/rewards/accuracies"]
+            lines.append(
+                f"- Reward model ({run_dir.name}): held-out pair accuracy {first:.3f} at step 0, {last:.3f} "
+                f"at step {evals[-1]['step']}"
+            )
+    return lines
+
+
 def plot_learning_curves(root: Path, out: Path) -> None:
     """Train implicit-reward accuracy, held-out reward and fluency (reference log-prob/token) over steps."""
     import matplotlib
@@ -63,7 +77,7 @@ def plot_learning_curves(root: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (acc_ax, reward_ax, fluency_ax) = plt.subplots(1, 3, figsize=(19, 5.5))
-    runs = sorted(root.glob("dpo/multirun-*/*/metrics.jsonl"))
+    runs = sorted(root.glob("dpo/multirun-*/*/metrics.jsonl")) + sorted(root.glob("ppo/**/metrics.jsonl"))
     colors = plt.get_cmap("tab20")
     for k, metrics_file in enumerate(runs):
         # The run dir name carries the method, hyperparameter and seed (dpo_beta0.1_seed1).
@@ -108,7 +122,7 @@ def main() -> None:
     lines = [f"# Results: {args.root.name}", ""]
     if args.wall_minutes is not None:
         lines += [f"Wall time of the whole reproduction: {args.wall_minutes} min.", ""]
-    lines += final_points_table(rows) + [""] + seed_spreads(args.root)
+    lines += final_points_table(rows) + [""] + seed_spreads(args.root) + reward_model_accuracy(args.root)
     lines += ["", "Figures: frontier.png, learning_curves.png"]
     (args.root / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

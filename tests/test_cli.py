@@ -80,6 +80,8 @@ def test_every_shipped_yaml_composes_and_validates(stage, group, option):
         overrides.append("data.hub_id=org/dataset")
     if (group, option) == ("reward", "hf_classifier"):
         overrides.append("reward.model_name_or_path=path/to/classifier")
+    if (group, option) == ("reward", "model"):
+        overrides.append("reward.path=path/to/rm/final")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

@@ -179,3 +179,31 @@ def test_an_output_root_that_is_a_file_or_below_one_is_refused(tmp_path):
     for root in (tmp_path / "file", tmp_path / "file" / "outputs"):
         with pytest.raises(ConfigError, match=f"output_root={root}: .*file is a file, not a directory"):
             validate(compose_config("stage=dpo", f"output_root={root}"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["ppo.lam=1.5"], ["ppo.lam=1.5: must be in [0, 1]"]),
+        (["ppo.cliprange=0"], ["ppo.cliprange=0.0: must be a finite number > 0"]),
+        (["ppo.rloo_k=8"], ["ppo.rloo_k=8 only applies to ppo.algorithm=rloo, not ppo"]),
+        (["ppo.algorithm=rloo", "ppo.vf_coef=0.5"], ["ppo.vf_coef=0.5 only applies to ppo.algorithm=ppo"]),
+        (["ppo.algorithm=rloo", "ppo.rloo_k=3"], ["a rollout of", "= 8 completions", "ppo.rloo_k=3"]),
+        (["ppo.reward_model_path=no/such/dir"], ["ppo.reward_model_path=no/such/dir: not a model dir"]),
+        (["reward=model"], ["reward=model needs reward.path=DIR"]),
+        (["reward.path=rm/final"], ["reward.path=rm/final is read by reward=model only, not reward=vader"]),
+    ],
+)
+def test_the_ppo_group_refuses_what_it_would_ignore_or_misuse(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config("stage=ppo", *overrides))
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_the_ppo_stage_names_its_hyperparameters_as_trl_does():
+    cfg = compose_config("stage=ppo", "ppo.algorithm=rloo", "ppo.rloo_k=2", "beta=0.05")
+    validate(cfg)
+    expected = {"num_ppo_epochs", "num_mini_batches", "cliprange", "cliprange_value", "vf_coef", "gamma",
+                "lam", "whiten_rewards", "rloo_k", "response_length", "reward_model_path"}  # fmt: skip
+    assert expected <= set(cfg.ppo) and cfg.beta == 0.05 and cfg.trainer.max_steps == 80

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_frontier_presets_compose(experiment, model, data, reward):
-    for stage in ("sft", "dpo", "eval"):
+    for stage in ("sft", "dpo", "eval", "rm", "ppo"):
         cfg = compose_config(f"experiment={experiment}", f"stage={stage}")
         validate(cfg)
         assert (cfg.exp_name, cfg.model.name, cfg.data.name, cfg.reward.name) == (
@@ -49,9 +49,11 @@ def test_reproduction_script_runs_every_method_with_the_tiny_model(tmp_path):
     assert (root / "learning_curves.png").stat().st_size > 10_000
     results = (root / "results.md").read_text()
     for label in ["dpo beta=0.05", "dpo beta=5", "unlikelihood alpha=0.05", "unlikelihood alpha=1",
-                  "preferred_ft seed=2", "best-of-N N=16 of sft", "eval sft_best_of_n"]:  # fmt: skip
+                  "preferred_ft seed=2", "best-of-N N=16 of sft", "eval sft_best_of_n", "ppo beta=0.05",
+                  "ppo beta=1", "ppo_rm beta=0.1"]:  # fmt: skip
         assert f"| {label} |" in results, label
     assert "over 3 training seeds" in results and "over 3 sampling seeds" in results
+    assert "Reward model (rm): held-out pair accuracy" in results
     # A second run refuses instead of mixing old and new sweeps into one figure.
     again = subprocess.run(["bash", str(ROOT / "scripts/reproduce_frontier.sh"), *overrides], env=env,
                            capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -308,6 +308,13 @@ class TrainData:
     examples: list[TokenizedExample]
     """The training examples, by the ids batches carry in `example_ids` (to name them in errors)."""
 
+    def state_dict(self) -> None:
+        """Nothing to keep in a checkpoint: the order is the seed's, and a resumed run skips to its step."""
+        return None
+
+    def load_state_dict(self, state: None) -> None:
+        pass
+
 
 def fit_batch_to_data(cfg: DictConfig, num_examples: int) -> None:
     """A batch larger than the whole training set (a file of a few records) shrinks to the set: to the

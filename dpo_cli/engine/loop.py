@@ -2,9 +2,10 @@
 log, evaluate, checkpoint, stop on Ctrl-C. Read top to bottom, this is how a step runs.
 
 A stage hands over a backend (`backends.py`: where weights, gradients and optimizer live), this rank's
-micro-batches (`data.batches.TrainData`: order, packing and rank sharding are the data's business) and an
-objective `(model, batch) -> (loss, metrics)`; metrics are per-batch means that the loop averages over
-micro-batches (and ranks) weighted by examples.
+micro-batches (`data.batches.TrainData`: order, packing and rank sharding are the data's business; or
+`rollouts.Rollouts`, which samples them from the model being trained) and an objective `(model, batch) ->
+(loss, metrics)`; metrics are per-batch means that the loop averages over micro-batches (and ranks)
+weighted by examples. A checkpoint keeps the data's `state_dict` beside the weights and optimizer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -29,6 +31,9 @@ from dpo_cli.evaluate import FrontierEvaluator
 from dpo_cli.logging import RunLogger
 from dpo_cli.objective import Objective
 
+if TYPE_CHECKING:
+    from dpo_cli.rollouts import Rollouts
+
 CONSOLE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward", "reward_delta", "kl")
 
 
@@ -36,7 +41,7 @@ def train(
     cfg: DictConfig,
     run: RunDir,
     backend,
-    data: TrainData,
+    data: TrainData | Rollouts,
     objective: Objective,
     frontier: FrontierEvaluator | None,
     logger: RunLogger,
@@ -44,7 +49,7 @@ def train(
     """Train `backend`'s model in place from `run.start_step` to `data.num_steps`; returns `final/`."""
     t = cfg.trainer
     if run.resume_from is not None:
-        _resume(cfg, backend, run.resume_from, frontier)
+        _resume(cfg, backend, run.resume_from, frontier, data)
     else:
         trainable, total = count_parameters(backend.module)
         sizes = {"train/trainable_parameters": trainable, "train/parameters": total}
@@ -53,7 +58,8 @@ def train(
     def save(step: int) -> Path:
         state = {"step": step, "engine": t.engine, "world_size": distributed.world_size()}
         path = run.path / "checkpoints" / f"step-{step}"
-        backend.save(path, state | {"frontier": frontier.state_dict() if frontier else None})
+        extra = {"frontier": frontier.state_dict() if frontier else None, "data": data.state_dict()}
+        backend.save(path, state | extra)
         if distributed.is_main():
             keep_newest(run.path, t.keep_checkpoints)
         return path
@@ -146,7 +152,9 @@ def _non_finite(cfg, run: RunDir, backend, data: TrainData, what: str, batch: Ba
     )
 
 
-def _resume(cfg: DictConfig, backend, checkpoint: Path, frontier: FrontierEvaluator | None) -> None:
+def _resume(
+    cfg: DictConfig, backend, checkpoint: Path, frontier: FrontierEvaluator | None, data: TrainData | Rollouts
+) -> None:
     state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
     written_by = (state["engine"], state["world_size"])
     if written_by != (cfg.trainer.engine, distributed.world_size()):
@@ -158,6 +166,7 @@ def _resume(cfg: DictConfig, backend, checkpoint: Path, frontier: FrontierEvalua
     backend.load(checkpoint, state)
     if frontier is not None:
         frontier.load_state_dict(state["frontier"])
+    data.load_state_dict(state.get("data"))
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
