@@ -273,23 +273,26 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def deepspeed_config(t: DictConfig, *, world: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(t: DictConfig, *, world: int, cuda: bool) -> dict[str, Any]:
     """DeepSpeed's JSON config from the `trainer` config: the same examples per optimizer step as one
     process (train_batch_size = batch_size_examples = micro-batch x accumulation x ranks), the same clipping,
-    ZeRO stage and offloading; bf16 on GPUs only (fp32 on CPU, where bf16 is ~50x slower).
-    `trainer.deepspeed_config=PATH` is merged over it, key by key."""
+    ZeRO stage and offloading (pinned memory on GPUs); trainer.precision=bf16-mixed / 16-mixed turn on its
+    bf16 / fp16 sections (bf16 / fp16 compute weights, the fp32 master copy in the optimizer; fp16 with a
+    dynamic loss scale). `trainer.deepspeed_config=PATH` is merged over it, key by key."""
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
     if t.offload_params == "cpu":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": bf16}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     config: dict[str, Any] = {
         "train_batch_size": t.batch_size_examples,
         "train_micro_batch_size_per_gpu": t.microbatch_size_examples,
         "gradient_accumulation_steps": t.batch_size_examples // (t.microbatch_size_examples * world),
         "gradient_clipping": t.max_grad_norm or 0.0,  # 0: no clipping
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": t.precision == "bf16-mixed"},
+        # loss_scale 0: dynamic, from 2**16, as torch's GradScaler.
+        "fp16": {"enabled": t.precision == "16-mixed", "loss_scale": 0, "initial_scale_power": 16},
         # Our optimizers are torch's RMSprop / AdamW (the paper's RMSprop has no DeepSpeed kernel).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,

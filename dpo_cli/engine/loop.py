@@ -48,7 +48,8 @@ def train(
     else:
         trainable, total = count_parameters(backend.module)
         sizes = {"train/trainable_parameters": trainable, "train/parameters": total}
-        eval_point(backend.module, 0, data.eval_batches, objective, frontier, logger, run.device, sizes)
+        with backend.autocast():
+            eval_point(backend.module, 0, data.eval_batches, objective, frontier, logger, run.device, sizes)
 
     def save(step: int) -> Path:
         state = {"step": step, "engine": t.engine, "world_size": distributed.world_size()}
@@ -88,9 +89,10 @@ def train(
                     logged["train/skipped_batches"] = skipped_batches
                 logger.log(logged, step=step)
             if step % t.eval_every_steps == 0 or step == data.num_steps:
-                metrics = eval_point(
-                    backend.module, step, data.eval_batches, objective, frontier, logger, run.device
-                )
+                with backend.autocast():
+                    metrics = eval_point(
+                        backend.module, step, data.eval_batches, objective, frontier, logger, run.device
+                    )
                 shown = {k: v for k, v in metrics.items() if k.split("/", 1)[1] in CONSOLE_METRICS}
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
             if t.save_every_steps and step % t.save_every_steps == 0 and step != data.num_steps:
@@ -113,7 +115,8 @@ def _optimizer_step(
     parts, finite = [], True
     for _ in range(backend.accumulation_steps):
         batch = to_device(next(data.batches), run.device)
-        loss, metrics = objective(backend.module, batch)
+        with backend.autocast():  # backward runs outside it, in the dtypes forward chose
+            loss, metrics = objective(backend.module, batch)
         if not distributed.all_true(bool(torch.isfinite(loss))):  # every rank stops, or none
             _non_finite(cfg, run, backend, data, "the loss", batch, step)
             finite = False
@@ -122,7 +125,8 @@ def _optimizer_step(
         parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
     grad_norm = backend.step(apply=finite)
     if finite and not torch.isfinite(grad_norm):
-        _non_finite(cfg, run, backend, data, "the gradient norm", batch, step)
+        if not backend.overflowed:  # an fp16 overflow is the loss scaler's business: it skipped the step
+            _non_finite(cfg, run, backend, data, "the gradient norm", batch, step)
         finite = False
     return distributed.mean_over_ranks(parts), grad_norm, finite
 
