@@ -59,7 +59,11 @@ def prepare_model(t: DictConfig, model: PreTrainedModel, device: torch.device) -
         model.to(torch.bfloat16)
     if t.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (a LoRA base) and with ZeRO-3's gathered parameters.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     # autocast casts inside transformers' modules, which the lean layers' own backward would not replay.
     if t.precision not in AUTOCAST_DTYPES and lean.wanted(
         t.lean_memory, model, checkpointing=t.gradient_checkpointing
