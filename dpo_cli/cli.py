@@ -188,6 +188,9 @@ def launch_ranks(cfg: DictConfig, run_dir: Path) -> None:
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.resume and distributed.requeued(run_dir):
+        print(f"dpo-run: a requeued job: resuming {run_dir}", flush=True)
+        cfg.resume = True
     try:
         if distributed.wanted(cfg) and not distributed.inside_launcher():
             launch_ranks(cfg, run_dir)

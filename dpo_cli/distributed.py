@@ -106,6 +106,28 @@ def _slurm_nodes() -> tuple[int, int, str, str] | None:
     return env.num_nodes, env.node, env.hostnames[0], env.job_id
 
 
+def preemption_signal() -> int | None:
+    """The signal submitit sends a job before Slurm preempts it or its time runs out (then it requeues the
+    job), inside a job of Hydra's submitit launcher; None elsewhere."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return None
+    import signal
+
+    return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+
+
+def requeued(run_dir: Path) -> bool:
+    """A requeued submitit job: its run dir holds an unfinished run with a resumable checkpoint (a sweep's
+    dir is new for every `dpo-run -m`, so only a requeue finds one), which it resumes."""
+    from dpo_cli.checkpoints import latest_resumable
+
+    return (
+        "SUBMITIT_EXECUTOR" in os.environ
+        and not (Path(run_dir) / "final").exists()
+        and latest_resumable(Path(run_dir)) is not None
+    )
+
+
 def first_node() -> bool:
     """False on the other nodes of a multi-node Slurm job (node 0 checks the run dir)."""
     nodes = _slurm_nodes()
@@ -359,4 +381,10 @@ def launch(stage: str, overrides: list[str], run_dir: Path, num_processes: int) 
             failure.exitcode if failure.exitcode > 0 else 1,
         ) from err
     except SignalException as err:
-        raise RanksFailed(f"interrupted ({err.sigval.name}); the ranks were stopped", 1) from err
+        # torchrun passed the signal on to the ranks and waited for them: they finished the step in flight
+        # and saved a checkpoint (a rank's step longer than torchrun's 30 s wait is killed instead).
+        from dpo_cli.checkpoints import latest_resumable
+
+        resumable = latest_resumable(run_dir)
+        kept = f"; continue from {resumable} with resume=true" if resumable else "; no checkpoint was saved"
+        raise RanksFailed(f"interrupted ({err.sigval.name}); the ranks stopped{kept}", 1) from err

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -67,7 +69,8 @@ def train(
         initial=run.start_step,
         total=data.num_steps,
     )
-    # Ctrl-C or SIGTERM finishes the step in flight, saves a resumable checkpoint and stops (twice: at once).
+    # Ctrl-C, SIGTERM or a preemption finishes the step in flight, saves a resumable checkpoint and stops
+    # (twice: at once).
     with _interruptible() as interrupted:
         for step in progress:
             backend.module.train()
@@ -99,10 +102,12 @@ def train(
                 save(step)
             # Every rank stops at the same step (the save is a collective under DeepSpeed).
             if distributed.any_true(interrupted.by is not None):
-                raise RunStopped(
+                stopped = RunStopped(
                     f"interrupted ({interrupted.by or 'on another rank'}): saved {save(step)} (step {step}); "
                     "continue with resume=true"
                 )
+                interrupted.hand_over(stopped)  # submitit's preemption: it requeues the job and exits
+                raise stopped
     return backend.save_final(run.path / "final")
 
 
@@ -201,30 +206,48 @@ def eval_point(
 
 class _Interrupt:
     by: str | None = None
-    """The signal that asked the run to stop ("Ctrl-C", "SIGTERM"), or None."""
+    """The signal that asked the run to stop ("Ctrl-C", "SIGTERM", "SIGUSR2 (preemption)"), or None."""
+    signum: int | None = None
+    previous: dict[int, Any]
+    """The handlers the stop signals had before the loop's (submitit's, under Hydra's submitit launcher)."""
+
+    def hand_over(self, stopped: RunStopped) -> None:
+        """After the checkpoint of a preemption signal: submitit's own handler requeues the job, whose rerun
+        resumes from it (distributed.requeued), and exits."""
+        if self.signum is not None and self.signum == distributed.preemption_signal():
+            print(f"dpo-run: {stopped}; requeueing the job", file=sys.stderr, flush=True)
+            handler = self.previous.get(self.signum)
+            if callable(handler):
+                handler(self.signum, None)
 
 
-# SIGTERM is what Slurm and Kubernetes send before they kill a job: it gets the same graceful stop.
-_STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+def _stop_signals() -> dict[int, str]:
+    # SIGTERM is what Slurm and Kubernetes send before they kill a job: it gets the same graceful stop, and
+    # so does submitit's preemption signal (SIGUSR2 unless $SUBMITIT_PREEMPT_SIGNAL says otherwise).
+    signals = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+    preemption = distributed.preemption_signal()
+    if preemption is not None:
+        signals[preemption] = f"{signal.Signals(preemption).name} (preemption)"
+    return signals
 
 
 @contextlib.contextmanager
 def _interruptible() -> Iterator[_Interrupt]:
-    state = _Interrupt()
+    state, names = _Interrupt(), _stop_signals()
 
     def on_signal(signum, frame) -> None:
         if state.by is not None:
             raise KeyboardInterrupt
-        state.by = _STOP_SIGNALS[signum]
+        state.by, state.signum = names[signum], signum
         print(
             f"\ndpo-run: {state.by}: finishing this step, then saving a checkpoint ({state.by} again to quit "
             "now)",
             flush=True,
         )
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
+    state.previous = {signum: signal.signal(signum, on_signal) for signum in names}
     try:
         yield state
     finally:
-        for signum, handler in previous.items():
+        for signum, handler in state.previous.items():
             signal.signal(signum, handler)
