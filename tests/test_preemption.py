@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpo_cli.checkpoints import latest_resumable
 from dpo_cli.cli import main
 from dpo_cli.errors import RunStopped
 from dpo_cli.logging import read_metrics
@@ -100,7 +101,8 @@ def test_sigterm_on_two_ranks_saves_and_resumes_bit_identical(sft):
     process.send_signal(signal.SIGTERM)  # to dpo-run, the launcher: torchrun passes it on to the ranks
     _, err = process.communicate(timeout=300)
     assert process.returncode == 1, err[-3000:]
-    [checkpoint] = (run_dir / "checkpoints").iterdir()
+    checkpoint = latest_resumable(run_dir)
+    assert checkpoint is not None, sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert f"interrupted (SIGTERM); the ranks stopped; continue from {checkpoint} with resume=true" in err
     assert "dpo-run: stopped: interrupted (SIGTERM): saved" in err  # rank 0's own line
     assert not (run_dir / "final").exists()

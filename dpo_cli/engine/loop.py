@@ -237,13 +237,14 @@ def _interruptible() -> Iterator[_Interrupt]:
 
     def on_signal(signum, frame) -> None:
         if state.by is not None:
-            raise KeyboardInterrupt
+            # A second Ctrl-C quits now. A second SIGTERM is the same stop arriving twice (Slurm signals
+            # every process of the job, and torchrun passes its own on to the ranks): the save goes on.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         state.by, state.signum = names[signum], signum
-        print(
-            f"\ndpo-run: {state.by}: finishing this step, then saving a checkpoint ({state.by} again to quit "
-            "now)",
-            flush=True,
-        )
+        again = " (Ctrl-C again to quit now)" if signum == signal.SIGINT else ""
+        print(f"\ndpo-run: {state.by}: finishing this step, then saving a checkpoint{again}", flush=True)
 
     state.previous = {signum: signal.signal(signum, on_signal) for signum in names}
     try:
