@@ -52,9 +52,9 @@ from dpo_cli.optim import make_optimizer, schedule
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-def prepare_model(t: DictConfig, model: PreTrainedModel, device: torch.device) -> None:
-    """What both backends do to the model before training: the weights' dtype of trainer.precision, gradient
-    checkpointing, the lean layers."""
+def prepare_model(t: DictConfig, model: PreTrainedModel) -> None:
+    """What both backends do to the model before training: the weights' dtype of trainer.precision and
+    gradient checkpointing."""
     if t.precision == "bf16-true":  # (loaded in bf16 already by a stage: validate sets model.dtype)
         model.to(torch.bfloat16)
     if t.gradient_checkpointing:
@@ -64,11 +64,6 @@ def prepare_model(t: DictConfig, model: PreTrainedModel, device: torch.device) -
             model.activation_checkpointing_enable(kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    # autocast casts inside transformers' modules, which the lean layers' own backward would not replay.
-    if t.precision not in AUTOCAST_DTYPES and lean.wanted(
-        t.lean_memory, model, checkpointing=t.gradient_checkpointing
-    ):
-        lean.apply(model, trim_heap=t.heap_trim and device.type == "cpu")
 
 
 class SingleProcess:
@@ -89,7 +84,11 @@ class SingleProcess:
     ):
         """`num_steps`: the run's optimizer steps (a decaying schedule or a warm-up ratio needs them)."""
         t = cfg.trainer
-        prepare_model(t, model, device)
+        prepare_model(t, model)
+        # autocast casts inside transformers' modules, which the lean layers' own backward would not replay.
+        mixed = t.precision in AUTOCAST_DTYPES
+        if not mixed and lean.wanted(t.lean_memory, model, checkpointing=t.gradient_checkpointing):
+            lean.apply(model, trim_heap=t.heap_trim and device.type == "cpu")
         self.module, self.tokenizer, self.load_base = model, tokenizer, load_base
         self.accumulation_steps = t.batch_size_examples // t.microbatch_size_examples
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -177,7 +176,7 @@ class DeepSpeed:
         import deepspeed
 
         t = cfg.trainer
-        prepare_model(t, model, device)
+        prepare_model(t, model)  # (the lean layers call F.linear past ZeRO-3's gathering hooks: not here)
         config = deepspeed_config(cfg, device)
         params = [p for p in model.parameters() if p.requires_grad]
         offload = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
