@@ -40,9 +40,11 @@ LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE")
 class RanksFailed(RuntimeError):
     """A rank of a launched run failed; torchrun stopped the others. `exit_code` is the CLI's exit code."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, *, interrupted: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.interrupted = interrupted
+        """Stopped by a signal (the ranks saved a checkpoint, if their step ended in time)."""
 
 
 def wanted(cfg: DictConfig) -> bool:
@@ -114,18 +116,6 @@ def preemption_signal() -> int | None:
     import signal
 
     return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
-
-
-def requeued(run_dir: Path) -> bool:
-    """A requeued submitit job: its run dir holds an unfinished run with a resumable checkpoint (a sweep's
-    dir is new for every `dpo-run -m`, so only a requeue finds one), which it resumes."""
-    from dpo_cli.checkpoints import latest_resumable
-
-    return (
-        "SUBMITIT_EXECUTOR" in os.environ
-        and not (Path(run_dir) / "final").exists()
-        and latest_resumable(Path(run_dir)) is not None
-    )
 
 
 def first_node() -> bool:
@@ -418,8 +408,4 @@ def launch(stage: str, overrides: list[str], run_dir: Path, num_processes: int) 
     except SignalException as err:
         # torchrun passed the signal on to the ranks and waited for them: they finished the step in flight
         # and saved a checkpoint (a rank's step longer than torchrun's 30 s wait is killed instead).
-        from dpo_cli.checkpoints import latest_resumable
-
-        resumable = latest_resumable(run_dir)
-        kept = f"; continue from {resumable} with resume=true" if resumable else "; no checkpoint was saved"
-        raise RanksFailed(f"interrupted ({err.sigval.name}); the ranks stopped{kept}", 1) from err
+        raise RanksFailed(f"interrupted ({err.sigval.name}); the ranks stopped", 1, interrupted=True) from err
