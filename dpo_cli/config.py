@@ -62,6 +62,9 @@ class ModelConfig:
     dtype: str = "float32"
     """float32 | bfloat16 | float16: the dtype weights load in for eval, prefs and winrate. In sft and dpo
     `trainer.precision` decides (float32, or bfloat16 under bf16-true) and replaces this value."""
+    attn_implementation: str | None = None
+    """sdpa | eager | flash_attention_2 | flash_attention_3; None: transformers' default (sdpa). Under
+    flash attention preference batches run padding-free (README "FlashAttention-2")."""
     tiny_hidden_size: int = 32
     """Width of the random-init `tiny` Llama (tests only)."""
     tiny_num_layers: int = 2
@@ -69,7 +72,11 @@ class ModelConfig:
 
     @staticmethod
     def problems(m: DictConfig) -> list[str]:
-        return at_least("model.", m, 1, "tiny_hidden_size", "tiny_num_layers")
+        p = at_least("model.", m, 1, "tiny_hidden_size", "tiny_num_layers")
+        attention = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+        if m.attn_implementation is not None and m.attn_implementation not in attention:
+            p.append(f"model.attn_implementation={m.attn_implementation}: choose {', '.join(attention)}")
+        return p
 
 
 @dataclass

@@ -60,6 +60,7 @@ def _tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        attn_implementation=cfg.attn_implementation,
     )
     # Init from the run's seed so a tiny run is reproducible bit for bit.
     with torch.random.fork_rng():
@@ -111,6 +112,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         if quantization is not None:
             kwargs |= {"quantization_config": quantization, "device_map": resolve_device("auto").type}
+        if cfg.attn_implementation:
+            kwargs |= {"attn_implementation": cfg.attn_implementation}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -76,6 +76,7 @@ def test_auto_picks_the_largest_micro_batch_that_divides_each_ranks_share(overri
         (["trainer=zero2", "trainer.precision=bf16-true"], ["use trainer.precision=bf16-mixed"]),
         (["trainer.lean_memory=on", "trainer.precision=bf16-mixed"], ["gradient_checkpointing=true"]),
         (["trainer.lr_warmup_ratio=1.5"], ["trainer.lr_warmup_ratio=1.5: must be in [0, 1)"]),
+        (["model.attn_implementation=flash"], ["model.attn_implementation=flash: choose sdpa, eager"]),
     ],
 )
 def test_bad_trainer_settings_fail_in_one_line(tmp_path, capsys, overrides, words):
