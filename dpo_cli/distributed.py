@@ -180,44 +180,9 @@ def rank_context(cfg: DictConfig) -> Iterator[None]:
         return
     init(cfg.trainer.device)
     try:
-        with _sharded_loading(cfg):
-            yield
+        yield
     finally:
         teardown()
-
-
-@contextlib.contextmanager
-def _sharded_loading(cfg: DictConfig) -> Iterator[None]:
-    """Under ZeRO-3, every `from_pretrained` of the run builds its weights inside deepspeed.zero.Init
-    (transformers' integration, active while an HfDeepSpeedConfig lives): each rank keeps only its shard of
-    the policy and of the reference instead of a full copy until DeepSpeed shards it. Not for an sft run
-    with frontier points, whose frozen initial model is a deepcopy of the policy (a partitioned model's
-    copy would still gather the policy's shards)."""
-    if cfg.trainer.zero_stage != 3 or (cfg.stage == "sft" and cfg.eval.num_prompts):
-        yield
-        return
-    import torch
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    t = cfg.trainer
-    cuda = t.device != "cpu" and torch.cuda.is_available()
-    zero: dict[str, Any] = {"stage": 3}
-    if t.offload_params == "cpu":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-    # What zero.Init reads: the sharding, and the dtype the shards are kept in.
-    config = {
-        "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16-mixed"},
-        "fp16": {"enabled": t.precision == "16-mixed"},
-        "train_micro_batch_size_per_gpu": 1,
-    }
-    keep_alive = HfDeepSpeedConfig(config)  # transformers holds only a weak reference
-    try:
-        yield
-    finally:
-        unset_hf_deepspeed_config()
-        del keep_alive
 
 
 def init(device_name: str) -> None:

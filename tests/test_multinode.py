@@ -82,7 +82,7 @@ def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_two_torchrun_nodes_of_one_rank_train_as_two_ranks_of_one_node(sft_root, trainer):
     """The README's one-machine multi-node command, run in two processes (the two "nodes"), against
     `dpo-run` launching 2 ranks itself: the same per-step losses."""
-    [command] = _commands("two nodes on one machine")
+    [command] = _commands("Two nodes on one machine")
     assert command[0] == "torchrun" and "trainer=zero3" in command
     command = [arg.replace("trainer=zero3", f"trainer={trainer}") for arg in command]
     command = [arg.replace("127.0.0.1:29400", f"127.0.0.1:{_free_port()}") for arg in command]
