@@ -70,7 +70,7 @@ def train(
         total=data.num_steps,
     )
     # Ctrl-C, SIGTERM or a preemption finishes the step in flight, saves a resumable checkpoint and stops
-    # (twice: at once).
+    # (a second Ctrl-C: at once).
     with _interruptible() as interrupted:
         for step in progress:
             backend.module.train()
