@@ -125,6 +125,17 @@ class LeanMemory(StrEnum):
     off = "off"
 
 
+class LrSchedule(StrEnum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+# trainer.precision (Lightning's names, which are not Python identifiers: a plain tuple, checked in
+# TrainerConfig.problems): the weights' dtype, and the dtype forward passes compute in.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
 class NanPolicy(StrEnum):
     stop = "stop"
     skip_batch = "skip_batch"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import os
 import re
 import sys
 from pathlib import Path
@@ -293,12 +294,25 @@ def launch_ranks(cfg: DictConfig, run_dir: Path) -> None:
 
     overrides = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0] != "stage"]
     with rundir.claimed(cfg, run_dir):  # this process holds the run dir for its ranks (first node only)
-        distributed.launch(cfg.stage, overrides, run_dir, cfg.trainer.num_processes)
+        try:
+            distributed.launch(cfg.stage, overrides, run_dir, cfg.trainer.num_processes)
+        except distributed.RanksFailed as err:
+            if not err.interrupted:
+                raise
+            resumable = rundir.latest_resumable(run_dir)
+            kept = f"continue from {resumable} with resume=true" if resumable else "no checkpoint was saved"
+            raise distributed.RanksFailed(f"{err}; {kept}", err.exit_code) from err
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.resume and "SUBMITIT_EXECUTOR" in os.environ:
+        from dpo_cli.engine import rundir  # torch: imported only when it is needed
+
+        if rundir.requeued(run_dir):
+            print(f"dpo-run: a requeued job: resuming {run_dir}", flush=True)
+            cfg.resume = True
     try:
         if cfg.resume and (run_dir / "final").is_dir() and HydraConfig.get().mode.name == "MULTIRUN":
             print(f"resume: skipping {run_dir}: finished already (final/ exists)")

@@ -16,12 +16,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dpo_cli.choices import (
     HUB_DATASETS,
+    PRECISIONS,
     DataFormat,
     DataName,
     Device,
@@ -30,6 +32,7 @@ from dpo_cli.choices import (
     LoggerMode,
     LoggerName,
     Loss,
+    LrSchedule,
     Method,
     NanPolicy,
     Offload,
@@ -63,7 +66,11 @@ class ModelConfig:
     gguf_file: str | None = None
     """GGUF file name inside the model directory; transformers dequantises it to `dtype`."""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16. Keep float32 on CPU: bf16 autocast there is ~50x slower."""
+    """float32 | bfloat16 | float16: the dtype weights load in for eval, prefs and winrate. In sft and dpo
+    `trainer.precision` decides (float32, or bfloat16 under bf16-true) and replaces this value."""
+    attn_implementation: str | None = None
+    """sdpa | eager | flash_attention_2 | flash_attention_3; None: transformers' default (sdpa). Under
+    flash attention preference batches run padding-free (README "FlashAttention-2")."""
     tiny_hidden_size: int = 32
     """Width of the random-init `tiny` Llama (tests only)."""
     tiny_num_layers: int = 2
@@ -77,6 +84,9 @@ class ModelConfig:
         p = at_least("model.", m, 1, "tiny_hidden_size", "tiny_num_layers")
         if m.dtype not in ("float32", "bfloat16", "float16"):
             p.append(f"model.dtype={m.dtype}: choose float32, bfloat16 or float16")
+        attention = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+        if m.attn_implementation is not None and m.attn_implementation not in attention:
+            p.append(f"model.attn_implementation={m.attn_implementation}: choose {', '.join(attention)}")
         return p
 
 
@@ -247,12 +257,30 @@ class TrainerConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW only)."""
     lr_warmup_steps: int = 150
-    """Linear warm-up from 0 to `lr` over this many optimizer steps (paper: 150), then constant."""
+    """Linear warm-up from 0 to `lr` over this many optimizer steps (paper: 150), then `lr_schedule`."""
+    lr_warmup_ratio: float | None = None
+    """Warm-up as a fraction of the run's optimizer steps, in [0, 1) (replaces `lr_warmup_steps`)."""
+    lr_schedule: LrSchedule = LrSchedule.constant
+    """After warm-up: constant (the paper's) | linear (decay to 0 at the last step) | cosine (half a cosine
+    to 0 at the last step); transformers' `get_scheduler`."""
+    precision: str = "32-true"
+    """32-true (fp32 weights and compute) | bf16-mixed (fp32 weights and optimizer state, forward passes
+    under bf16 autocast) | 16-mixed (the same in fp16, with dynamic loss scaling) | bf16-true (bf16
+    weights and optimizer state: updates below bf16's 8-bit mantissa are lost). Lightning's names. Under
+    DeepSpeed mixed means its bf16 / fp16 sections (bf16 compute weights, fp32 master copy in the
+    optimizer). Log-probs and losses are fp32 in every mode. Mixed precision on a CPU is slow."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
+    gradient checkpointing, non-reentrant): about one more forward per step for memory that no longer
+    grows with depth. It replaces `lean_memory` (auto turns lean off under it)."""
     batch_size_examples: int = 64
     """Examples per optimizer step: pairs (dpo, ipo, cdpo, preferred_ft, unlikelihood), ranked groups
     (plackett_luce) or (prompt, completion) sequences (sft). The paper uses 64 pairs."""
-    microbatch_size_examples: int = 8
-    """Examples per forward pass; gradient accumulation steps = batch_size_examples / this."""
+    microbatch_size_examples: Any = "auto"
+    """Examples per forward pass on each rank, or auto: the largest number <= `max_microbatch_size_examples`
+    that divides batch_size_examples / ranks. Gradient accumulation steps = batch / (this x ranks)."""
+    max_microbatch_size_examples: int = 8
+    """The cap of `microbatch_size_examples=auto` (examples one device's forward pass takes at once)."""
     batch_by_prompt: bool = True
     """Keep each prompt's examples in the same batch so shared completions are scored once (paper App. B:
     4 samples give 6 pairs but only 4 sequences); false shuffles examples independently."""
@@ -318,11 +346,15 @@ class TrainerConfig:
                 f"trainer.max_grad_norm={t.max_grad_norm}: must be a finite number > 0, or null for no "
                 "clipping (0 does not turn clipping off)"
             )
-        p += at_least("trainer.", t, 1, "microbatch_size_examples")
-        if t.batch_size_examples < 1 or t.batch_size_examples % max(t.microbatch_size_examples, 1):
+        p += at_least("trainer.", t, 1, "max_microbatch_size_examples", "batch_size_examples")
+        p += _precision_problems(t)
+        micro = t.microbatch_size_examples
+        if micro != "auto" and not (isinstance(micro, int) and not isinstance(micro, bool) and micro >= 1):
+            p.append(f"trainer.microbatch_size_examples={micro}: must be auto or an integer >= 1")
+        elif isinstance(micro, int) and t.batch_size_examples % micro:
             p.append(
                 f"trainer.batch_size_examples={t.batch_size_examples}: must be a positive multiple of "
-                f"trainer.microbatch_size_examples={t.microbatch_size_examples}"
+                f"trainer.microbatch_size_examples={micro}"
             )
         if t.heap_trim and t.lean_memory == LeanMemory.off:
             p.append(
@@ -336,6 +368,30 @@ class TrainerConfig:
         if t.eval_every_steps < 1:
             p.append(f"trainer.eval_every_steps={t.eval_every_steps}: must be >= 1")
         return p + _deepspeed_problems(t, world_size)
+
+
+def _precision_problems(t: DictConfig) -> list[str]:
+    p = []
+    if t.precision not in PRECISIONS:
+        p.append(f"trainer.precision={t.precision}: choose {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
+    elif t.precision.endswith("-mixed") and t.lean_memory == LeanMemory.on:
+        # The lean layers' custom backward does not replay autocast's casts.
+        p.append(
+            f"trainer.lean_memory=on computes in the weights' dtype; with trainer.precision={t.precision} "
+            "use trainer.gradient_checkpointing=true for memory instead"
+        )
+    if t.lr_warmup_ratio is not None and not 0 <= t.lr_warmup_ratio < 1:
+        p.append(f"trainer.lr_warmup_ratio={t.lr_warmup_ratio}: must be in [0, 1)")
+    return p
+
+
+def microbatch_size(t: DictConfig, world: int) -> int:
+    """trainer.microbatch_size_examples, with auto resolved: the largest micro-batch <= the cap that divides
+    this rank's share of the global batch (1 divides any)."""
+    if t.microbatch_size_examples != "auto":
+        return t.microbatch_size_examples
+    per_rank = t.batch_size_examples // world
+    return max(n for n in range(1, min(per_rank, t.max_microbatch_size_examples) + 1) if per_rank % n == 0)
 
 
 def _deepspeed_problems(t: DictConfig, world: int) -> list[str]:
@@ -355,11 +411,22 @@ def _deepspeed_problems(t: DictConfig, world: int) -> list[str]:
         p.append(f"trainer.deepspeed_config={t.deepspeed_config}: no such file")
     if t.engine != Engine.deepspeed:
         return p
-    if t.microbatch_size_examples < 1 or t.batch_size_examples % (t.microbatch_size_examples * world):
+    micro = t.microbatch_size_examples
+    if micro == "auto" and t.batch_size_examples % world:
+        p.append(
+            f"trainer.batch_size_examples={t.batch_size_examples} must be a multiple of the {world} ranks "
+            "(trainer.num_processes x nodes)"
+        )
+    elif isinstance(micro, int) and micro >= 1 and t.batch_size_examples % (micro * world):
         p.append(
             f"trainer.batch_size_examples={t.batch_size_examples} must be a multiple of "
-            f"trainer.microbatch_size_examples={t.microbatch_size_examples} x {world} ranks "
-            "(trainer.num_processes x nodes)"
+            f"trainer.microbatch_size_examples={micro} x {world} ranks (trainer.num_processes x nodes); "
+            "trainer.microbatch_size_examples=auto picks one that divides"
+        )
+    if t.precision == "bf16-true":
+        p.append(
+            "trainer.precision=bf16-true is for trainer=single (DeepSpeed keeps an fp32 master copy): "
+            "use trainer.precision=bf16-mixed"
         )
     if t.nan_policy != NanPolicy.stop:
         p.append(
@@ -538,6 +605,8 @@ def conf_dir() -> Path:
 def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     """Every group's range and cross-field checks, then those across groups; raises one ConfigError for all.
 
+    Then fills in trainer.microbatch_size_examples=auto for `world_size` ranks and, in training stages,
+    model.dtype from trainer.precision.
     `world_size`: the ranks a DeepSpeed run will have (dpo_cli.cli passes `distributed.expected_world_size`,
     which also counts a launcher's WORLD_SIZE and Slurm's nodes); None: `trainer.num_processes`."""
     t = cfg.trainer
@@ -567,6 +636,11 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         p += _ppo_problems(cfg)
     if p:
         raise ConfigError("; ".join(p))
+    # One place turns the derived values into what every consumer (data, models, backends, DeepSpeed, the
+    # reference cache's key, config.yaml) reads.
+    t.microbatch_size_examples = microbatch_size(t, world)
+    if cfg.stage in (Stage.sft, Stage.dpo, Stage.rm, Stage.ppo):
+        cfg.model.dtype = "bfloat16" if t.precision == "bf16-true" else "float32"
 
 
 def _ppo_problems(cfg: DictConfig) -> list[str]:

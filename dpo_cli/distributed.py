@@ -40,9 +40,11 @@ LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE")
 class RanksFailed(RuntimeError):
     """A rank of a launched run failed; torchrun stopped the others. `exit_code` is the CLI's exit code."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, *, interrupted: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.interrupted = interrupted
+        """Stopped by a signal (the ranks saved a checkpoint, if their step ended in time)."""
 
 
 def wanted(cfg: DictConfig) -> bool:
@@ -104,6 +106,16 @@ def _slurm_nodes() -> tuple[int, int, str, str] | None:
     if env.num_nodes < 2 or env.num_tasks != env.num_nodes:
         return None
     return env.num_nodes, env.node, env.hostnames[0], env.job_id
+
+
+def preemption_signal() -> int | None:
+    """The signal submitit sends a job before Slurm preempts it or its time runs out (then it requeues the
+    job), inside a job of Hydra's submitit launcher; None elsewhere."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return None
+    import signal
+
+    return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
 
 
 def first_node() -> bool:
@@ -273,23 +285,26 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def deepspeed_config(t: DictConfig, *, world: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(t: DictConfig, *, world: int, cuda: bool) -> dict[str, Any]:
     """DeepSpeed's JSON config from the `trainer` config: the same examples per optimizer step as one
     process (train_batch_size = batch_size_examples = micro-batch x accumulation x ranks), the same clipping,
-    ZeRO stage and offloading; bf16 on GPUs only (fp32 on CPU, where bf16 is ~50x slower).
-    `trainer.deepspeed_config=PATH` is merged over it, key by key."""
+    ZeRO stage and offloading (pinned memory on GPUs); trainer.precision=bf16-mixed / 16-mixed turn on its
+    bf16 / fp16 sections (bf16 / fp16 compute weights, the fp32 master copy in the optimizer; fp16 with a
+    dynamic loss scale). `trainer.deepspeed_config=PATH` is merged over it, key by key."""
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
     if t.offload_params == "cpu":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": bf16}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     config: dict[str, Any] = {
         "train_batch_size": t.batch_size_examples,
         "train_micro_batch_size_per_gpu": t.microbatch_size_examples,
         "gradient_accumulation_steps": t.batch_size_examples // (t.microbatch_size_examples * world),
         "gradient_clipping": t.max_grad_norm or 0.0,  # 0: no clipping
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": t.precision == "bf16-mixed"},
+        # loss_scale 0: dynamic, from 2**16, as torch's GradScaler.
+        "fp16": {"enabled": t.precision == "16-mixed", "loss_scale": 0, "initial_scale_power": 16},
         # Our optimizers are torch's RMSprop / AdamW (the paper's RMSprop has no DeepSpeed kernel).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -356,4 +371,6 @@ def launch(stage: str, overrides: list[str], run_dir: Path, num_processes: int) 
             failure.exitcode if failure.exitcode > 0 else 1,
         ) from err
     except SignalException as err:
-        raise RanksFailed(f"interrupted ({err.sigval.name}); the ranks were stopped", 1) from err
+        # torchrun passed the signal on to the ranks and waited for them: they finished the step in flight
+        # and saved a checkpoint (a rank's step longer than torchrun's 30 s wait is killed instead).
+        raise RanksFailed(f"interrupted ({err.sigval.name}); the ranks stopped", 1, interrupted=True) from err

@@ -166,10 +166,13 @@ AUTO_MIN_PARAMETERS = 50_000_000
 TRIM_EVERY_LAYERS = 4
 
 
-def wanted(setting: str, model: torch.nn.Module) -> bool:
-    """Whether `trainer.lean_memory` (auto | on | off) applies to `model`."""
+def wanted(setting: str, model: torch.nn.Module, *, checkpointing: bool = False) -> bool:
+    """Whether `trainer.lean_memory` (auto | on | off) applies to `model`. Under gradient checkpointing
+    (`checkpointing`) a decoder layer keeps only its input for backward, so the lean layers would save
+    nothing more and only add their recomputation: auto is off then (on still composes: the same gradients,
+    tests/test_precision.py)."""
     if setting == "auto":
-        return sum(p.numel() for p in model.parameters()) >= AUTO_MIN_PARAMETERS
+        return not checkpointing and sum(p.numel() for p in model.parameters()) >= AUTO_MIN_PARAMETERS
     return setting == "on"
 
 

@@ -62,8 +62,34 @@ def model_sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor])
     return (per_token * mask).sum(-1)
 
 
+# Attention implementations with a variable-length kernel: they take sequences packed end to end, their
+# boundaries read from position_ids, and no mask (a 4-D mask would rule them out).
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def padding_free_layout(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The rows of a right-padded batch laid end to end in one row, padding dropped: `packed_input_ids` and
+    `packed_position_ids` (1, N), the positions restarting at 0 where each sequence starts, so that
+    attention sees each sequence alone; `label_source` as in `data.batches.shared_prompt_layout`: for every
+    label token in the row-major order of `labels[:, 1:] != -100`, the packed position that predicts it."""
+    keep = attention_mask.bool()
+    position_ids = keep.long().cumsum(-1) - 1
+    packed_position = (keep.flatten().long().cumsum(0) - 1).view(keep.shape)
+    return {
+        "packed_input_ids": input_ids[keep].unsqueeze(0),
+        "packed_position_ids": position_ids[keep].unsqueeze(0),
+        "label_source": packed_position[:, :-1][labels[:, 1:] != IGNORE_INDEX],
+    }
+
+
 def model_token_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_bytes: int = 32 * 2**20
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    chunk_bytes: int = 32 * 2**20,
+    padding_free: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logps` of a batch under `model`, without the (B, T, V) logits.
 
@@ -75,14 +101,29 @@ def model_token_logps(
     or soft-capping) take the plain path.
 
     A batch collated with `share_prompts` runs its shared-prompt layout (each prompt once, its
-    completions after it) on models whose attention takes a 4-D mask (sdpa, eager); the result is laid
-    out by sequence, as `labels`, either way.
+    completions after it) on models whose attention takes a 4-D mask (sdpa, eager). Under FlashAttention
+    (`padding_free=None`: `VARLEN_ATTENTION`) the sequences run packed end to end without padding instead
+    (`padding_free_layout`; prompts are not shared then). The result is laid out by sequence, as
+    `labels`, in every layout.
     """
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    shared = "label_source" in batch and shares_prompts(model, batch)
-    if shared:
+    attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if padding_free is None:
+        padding_free = attention in VARLEN_ATTENTION
+    shared = not padding_free and "label_source" in batch and shares_prompts(model, batch)
+    label_source = batch["label_source"] if shared else None
+    if padding_free:
+        packed = padding_free_layout(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        label_source = packed["label_source"]
+        # No cache: transformers reads packed sequences from position_ids only without one.
+        inputs = {
+            "input_ids": packed["packed_input_ids"],
+            "position_ids": packed["packed_position_ids"],
+            "use_cache": False,
+        }
+    elif shared:
         inputs = {
             "input_ids": batch["shared_input_ids"],
             "position_ids": batch["shared_position_ids"],
@@ -112,14 +153,15 @@ def model_token_logps(
         else:
             hidden = transformer.base_model(**inputs).last_hidden_state
     if plain:
-        if not shared:
+        if label_source is None:
             return token_logps(logits, batch["labels"])
         # fp32 for the same reason as in token_logps.
-        selected_logits = logits.flatten(0, 1)[batch["label_source"]].float()
+        selected_logits = logits.flatten(0, 1)[label_source].float()
         selected = selected_logits.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
         selected = selected - torch.logsumexp(selected_logits, dim=-1)
     else:
-        selected_hidden = hidden.flatten(0, 1)[batch["label_source"]] if shared else hidden[:, :-1][mask]
+        gathered = label_source is not None
+        selected_hidden = hidden.flatten(0, 1)[label_source] if gathered else hidden[:, :-1][mask]
         rows = max(1, chunk_bytes // (4 * head.out_features))
         selected = _ChunkedHeadLogps.apply(selected_hidden, head.weight, head.bias, labels[mask], rows)
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)

@@ -70,7 +70,10 @@ def _tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
         "gemma3_text": {"head_dim": cfg.tiny_hidden_size // heads},
     }
     config = AutoConfig.for_model(
-        str(cfg.tiny_architecture), **sizes, **family.get(cfg.tiny_architecture, {})
+        str(cfg.tiny_architecture),
+        **sizes,
+        **family.get(cfg.tiny_architecture, {}),
+        attn_implementation=cfg.attn_implementation,
     )
     # Init from the run's seed so a tiny run is reproducible bit for bit.
     with torch.random.fork_rng():
@@ -122,6 +125,8 @@ def load_model(
         tokenizer = _hub_tokenizer(source, kwargs)
         if quantization is not None:
             kwargs |= {"quantization_config": quantization, "device_map": resolve_device("auto").type}
+        if cfg.attn_implementation:
+            kwargs |= {"attn_implementation": cfg.attn_implementation}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"

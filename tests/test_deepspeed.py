@@ -177,17 +177,19 @@ def test_deepspeed_config_follows_the_trainer_config(tmp_path):
                                  "trainer.batch_size_examples=64", "trainer.microbatch_size_examples=4",
                                  "trainer.offload_optimizer=cpu", "trainer.offload_params=cpu"])  # fmt: skip
     GlobalHydra.instance().clear()
-    config = deepspeed_config(cfg.trainer, world=2, bf16=False)
+    config = deepspeed_config(cfg.trainer, world=2, cuda=False)
     assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 4
     assert config["gradient_accumulation_steps"] == 8 and config["gradient_clipping"] == 10.0
     assert config["zero_optimization"]["stage"] == 3 and config["bf16"] == {"enabled": False}
+    assert not config["fp16"]["enabled"]
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
     # An expert's own JSON is merged over it; "auto" keeps the derived value.
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({"gradient_clipping": "auto", "zero_optimization": {"overlap_comm": True}}))
     cfg.trainer.deepspeed_config = str(own)
-    merged = deepspeed_config(cfg.trainer, world=2, bf16=True)
+    cfg.trainer.precision = "bf16-mixed"  # DeepSpeed's bf16 section: bf16 compute, fp32 master weights
+    merged = deepspeed_config(cfg.trainer, world=2, cuda=True)
     assert merged["gradient_clipping"] == 10.0 and merged["zero_optimization"]["overlap_comm"] is True
     assert merged["zero_optimization"]["stage"] == 3 and merged["bf16"] == {"enabled": True}
 

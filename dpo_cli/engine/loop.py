@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -53,7 +54,8 @@ def train(
     else:
         trainable, total = count_parameters(backend.module)
         sizes = {"train/trainable_parameters": trainable, "train/parameters": total}
-        eval_point(backend.module, 0, data.eval_batches, objective, frontier, logger, run.device, sizes)
+        with backend.autocast():
+            eval_point(backend.module, 0, data.eval_batches, objective, frontier, logger, run.device, sizes)
 
     def save(step: int) -> Path:
         state = {"step": step, "engine": t.engine, "world_size": distributed.world_size()}
@@ -73,7 +75,8 @@ def train(
         total=data.num_steps,
         disable=None,  # no bar when the output is a file: its carriage returns would fill the log
     )
-    # Ctrl-C or SIGTERM finishes the step in flight, saves a resumable checkpoint and stops (twice: at once).
+    # Ctrl-C, SIGTERM or a preemption finishes the step in flight, saves a resumable checkpoint and stops
+    # (a second Ctrl-C: at once).
     with _interruptible() as interrupted:
         for step in progress:
             backend.module.train()
@@ -95,19 +98,22 @@ def train(
                     logged["train/skipped_batches"] = skipped_batches
                 logger.log(logged, step=step)
             if step % t.eval_every_steps == 0 or step == data.num_steps:
-                metrics = eval_point(
-                    backend.module, step, data.eval_batches, objective, frontier, logger, run.device
-                )
+                with backend.autocast():
+                    metrics = eval_point(
+                        backend.module, step, data.eval_batches, objective, frontier, logger, run.device
+                    )
                 shown = {k: v for k, v in metrics.items() if k.split("/", 1)[1] in CONSOLE_METRICS}
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
             if t.save_every_steps and step % t.save_every_steps == 0 and step != data.num_steps:
                 save(step)
             # Every rank stops at the same step (the save is a collective under DeepSpeed).
             if distributed.any_true(interrupted.by is not None):
-                raise RunStopped(
+                stopped = RunStopped(
                     f"interrupted ({interrupted.by or 'on another rank'}): saved {save(step)} (step {step}); "
                     "continue with resume=true"
                 )
+                interrupted.hand_over(stopped)  # submitit's preemption: it requeues the job and exits
+                raise stopped
     return backend.save_final(run.path / "final")
 
 
@@ -120,7 +126,8 @@ def _optimizer_step(
     parts, finite = [], True
     for _ in range(backend.accumulation_steps):
         batch = to_device(next(data.batches), run.device)
-        loss, metrics = objective(backend.module, batch)
+        with backend.autocast():  # backward runs outside it, in the dtypes forward chose
+            loss, metrics = objective(backend.module, batch)
         if not distributed.all_true(bool(torch.isfinite(loss))):  # every rank stops, or none
             _non_finite(cfg, run, backend, data, "the loss", batch, step)
             finite = False
@@ -129,7 +136,8 @@ def _optimizer_step(
         parts.append((len(batch["index"]), {"loss": loss.item(), **metrics}))
     grad_norm = backend.step(apply=finite)
     if finite and not torch.isfinite(grad_norm):
-        _non_finite(cfg, run, backend, data, "the gradient norm", batch, step)
+        if not backend.overflowed:  # an fp16 overflow is the loss scaler's business: it skipped the step
+            _non_finite(cfg, run, backend, data, "the gradient norm", batch, step)
         finite = False
     return distributed.mean_over_ranks(parts), grad_norm, finite
 
@@ -207,30 +215,49 @@ def eval_point(
 
 class _Interrupt:
     by: str | None = None
-    """The signal that asked the run to stop ("Ctrl-C", "SIGTERM"), or None."""
+    """The signal that asked the run to stop ("Ctrl-C", "SIGTERM", "SIGUSR2 (preemption)"), or None."""
+    signum: int | None = None
+    previous: dict[int, Any]
+    """The handlers the stop signals had before the loop's (submitit's, under Hydra's submitit launcher)."""
+
+    def hand_over(self, stopped: RunStopped) -> None:
+        """After the checkpoint of a preemption signal: submitit's own handler requeues the job, whose rerun
+        resumes from it (distributed.requeued), and exits."""
+        if self.signum is not None and self.signum == distributed.preemption_signal():
+            print(f"dpo-run: {stopped}; requeueing the job", file=sys.stderr, flush=True)
+            handler = self.previous.get(self.signum)
+            if callable(handler):
+                handler(self.signum, None)
 
 
-# SIGTERM is what Slurm and Kubernetes send before they kill a job: it gets the same graceful stop.
-_STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+def _stop_signals() -> dict[int, str]:
+    # SIGTERM is what Slurm and Kubernetes send before they kill a job: it gets the same graceful stop, and
+    # so does submitit's preemption signal (SIGUSR2 unless $SUBMITIT_PREEMPT_SIGNAL says otherwise).
+    signals = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+    preemption = distributed.preemption_signal()
+    if preemption is not None:
+        signals[preemption] = f"{signal.Signals(preemption).name} (preemption)"
+    return signals
 
 
 @contextlib.contextmanager
 def _interruptible() -> Iterator[_Interrupt]:
-    state = _Interrupt()
+    state, names = _Interrupt(), _stop_signals()
 
     def on_signal(signum, frame) -> None:
         if state.by is not None:
-            raise KeyboardInterrupt
-        state.by = _STOP_SIGNALS[signum]
-        print(
-            f"\ndpo-run: {state.by}: finishing this step, then saving a checkpoint ({state.by} again to quit "
-            "now)",
-            flush=True,
-        )
+            # A second Ctrl-C quits now. A second SIGTERM is the same stop arriving twice (Slurm signals
+            # every process of the job, and torchrun passes its own on to the ranks): the save goes on.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        state.by, state.signum = names[signum], signum
+        again = " (Ctrl-C again to quit now)" if signum == signal.SIGINT else ""
+        print(f"\ndpo-run: {state.by}: finishing this step, then saving a checkpoint{again}", flush=True)
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
+    state.previous = {signum: signal.signal(signum, on_signal) for signum in names}
     try:
         yield state
     finally:
-        for signum, handler in previous.items():
+        for signum, handler in state.previous.items():
             signal.signal(signum, handler)

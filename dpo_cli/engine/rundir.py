@@ -225,6 +225,16 @@ def _kept_aside(run_dir: Path) -> Iterator[None]:
     shutil.rmtree(aside)
 
 
+def requeued(run_dir: Path) -> bool:
+    """A requeued submitit job: its run dir holds an unfinished run with a resumable checkpoint (a sweep's
+    dir is new for every `dpo-run -m`, so only a requeue finds one), which it resumes."""
+    return (
+        "SUBMITIT_EXECUTOR" in os.environ
+        and not (Path(run_dir) / "final").exists()
+        and latest_resumable(Path(run_dir)) is not None
+    )
+
+
 def prepare(cfg: DictConfig, run_dir: Path) -> RunDir:
     """Make the run dir ready (`claimed` has checked it), then fix threads and seeds."""
     if distributed.is_main():

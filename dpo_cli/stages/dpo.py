@@ -117,7 +117,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         else make_frontier(cfg, eval_records, tokenizer, ref_model, run_dir, reference_point_dir=cache)
     )
     load_base = lambda: load_model(cfg.model, seed=cfg.seed, checkpoint=sft_dir)[0]  # noqa: E731
-    backend = Backend(cfg, policy, tokenizer, run.device, load_base=load_base)
+    backend = Backend(cfg, policy, tokenizer, run.device, load_base=load_base, num_steps=data.num_steps)
     objective = make_objective(cfg.loss, cfg.beta, ref_model if online else None)
     loop.train(cfg, run, backend, data, objective, frontier, logger)
     logger.close()

@@ -42,9 +42,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
 
     logger = RunLogger(cfg, run_dir, rundir.provenance(cfg, starting_model=None))
     frontier = make_frontier(cfg, eval_records, tokenizer, initial_model, run_dir)
-    backend = Backend(
-        cfg, model, tokenizer, run.device, load_base=lambda: load_model(cfg.model, seed=cfg.seed)[0]
-    )
+    load_base = lambda: load_model(cfg.model, seed=cfg.seed)[0]  # noqa: E731
+    backend = Backend(cfg, model, tokenizer, run.device, load_base=load_base, num_steps=data.num_steps)
     loop.train(cfg, run, backend, data, make_objective(cfg.loss, cfg.beta), frontier, logger)
     logger.close()
     rundir.finish(run_dir, "dpo-run dpo beta=0.1", "finds this SFT checkpoint by experiment and model")
