@@ -66,8 +66,9 @@ class ModelConfig:
     gguf_file: str | None = None
     """GGUF file name inside the model directory; transformers dequantises it to `dtype`."""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16: the dtype weights load in for eval, prefs and winrate. In sft and dpo
-    `trainer.precision` decides (float32, or bfloat16 under bf16-true) and replaces this value."""
+    """float32 | bfloat16 | float16: the dtype weights load in for the stages that only sample (eval,
+    prefs, winrate); in the training stages `trainer.precision` decides (float32, or bfloat16 under
+    bf16-true) and replaces this value."""
     attn_implementation: str | None = None
     """sdpa | eager | flash_attention_2 | flash_attention_3; None: transformers' default (sdpa). Under
     flash attention preference batches run padding-free (README "FlashAttention-2")."""
