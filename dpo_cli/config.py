@@ -391,8 +391,12 @@ def microbatch_size(t: DictConfig, world: int) -> int:
     this rank's share of the global batch (1 divides any)."""
     if t.microbatch_size_examples != "auto":
         return t.microbatch_size_examples
-    per_rank = t.batch_size_examples // world
-    return max(n for n in range(1, min(per_rank, t.max_microbatch_size_examples) + 1) if per_rank % n == 0)
+    return largest_divisor(t.batch_size_examples // world, t.max_microbatch_size_examples)
+
+
+def largest_divisor(n: int, cap: int) -> int:
+    """The largest micro-batch <= `cap` that divides a rank's `n` examples (1 divides any)."""
+    return max(m for m in range(1, min(n, cap) + 1) if n % m == 0)
 
 
 def _deepspeed_problems(t: DictConfig, world: int) -> list[str]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from dpo_cli import distributed
-from dpo_cli.config import DataConfig
+from dpo_cli.config import DataConfig, largest_divisor
 from dpo_cli.data import Example, chat
 from dpo_cli.data.chat import Text
 from dpo_cli.errors import ConfigError
@@ -325,7 +325,7 @@ def fit_batch_to_data(cfg: DictConfig, num_examples: int) -> None:
         return
     batch = num_examples - num_examples % ranks
     per_rank = batch // ranks
-    micro = max(m for m in range(1, min(t.microbatch_size_examples, per_rank) + 1) if per_rank % m == 0)
+    micro = largest_divisor(per_rank, t.microbatch_size_examples)
     print(
         f"data: {num_examples} training examples, fewer than trainer.batch_size_examples="
         f"{t.batch_size_examples}: batches of {batch} (micro-batches of {micro})"
