@@ -10,28 +10,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from dpo_cli import lean
 from dpo_cli.cli import main
-from dpo_cli.config import conf_dir, validate
+from dpo_cli.config import validate
 from dpo_cli.distributed import deepspeed_config
 from dpo_cli.engine.backends import SingleProcess
 from dpo_cli.logps import model_token_logps
 from dpo_cli.models import tiny_tokenizer
 from tests.conftest import gqa_llama
+from tests.test_config import compose_config
 from tests.test_loop import _cfg, _train
-
-
-def compose_config(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
-
 
 # --- trainer.microbatch_size_examples=auto --------------------------------------------------------------
 
