@@ -130,6 +130,11 @@ class DataConfig:
     format: DataFormat = DataFormat.text
     """hh: `text` (the paper's "\n\nHuman: ... \n\nAssistant:" transcripts) or `chat` (the same dialogues
     as conversations, rendered with the chat template)."""
+    cache_dir: str = "${output_root}/data_cache"
+    """Tokenized examples (Arrow tables), one dir per records files + data settings + view + tokenizer: a
+    later run of the same data reads no records and tokenizes nothing. Safe to delete."""
+    num_proc: int = 1
+    """Processes that tokenize (`datasets.map`) a training set not yet in `cache_dir`."""
 
     @staticmethod
     def problems(d: DictConfig) -> list[str]:
@@ -142,6 +147,8 @@ class DataConfig:
             )
         if d.name in HUB_DATASETS and not (d.path or d.hub_id):
             p.append(f"data={d.name} needs data.hub_id=HUB_ID or data.path=/path/to/local/copy")
+        if d.num_proc < 1:
+            p.append(f"data.num_proc={d.num_proc}: must be >= 1")
         if d.max_records is not None and d.max_records < 1:
             p.append(f"data.max_records={d.max_records}: must be >= 1")
         if d.name == DataName.jsonl and not d.path:

@@ -5,29 +5,33 @@ constant of the reference weights and the token ids. Before training, every uniq
 see (its training examples in data order, and the held-out ones) is looked up in the cache and the
 missing ones are scored once, in length-sorted batches (little padding; with shared prompts, each prompt
 once). The cache is `ref.cache_dir/<key>/part-*.pt`, `key` hashing the reference checkpoint's files and
-the numerics (dtype, device, engine); entries are keyed by the exact token ids, so another dataset,
-tokenizer or length budget simply misses, and another checkpoint is another directory: a stale value is
-never read. Training never runs the reference, and every job of a beta sweep after the first reads the
-cache instead of scoring. Each part carries a sha256 of its sequences and values: a part that does not
-load or does not match (rewritten, truncated, garbage) is named, removed, and its sequences scored again.
+the numerics (dtype, device, engine); entries are keyed by a 16-byte digest of the exact token ids
+(`sequence_digest`), so another dataset, tokenizer or length budget simply misses, and another checkpoint
+is another directory: a stale value is never read. A part holds its digests sorted and their values,
+20 bytes a sequence; it is memory-mapped and only the entries the run looks up are read from it.
+Training never runs the reference, and every job of a beta sweep after the first reads the cache instead
+of scoring. Each part carries a sha256 of its digests and values: a part that does not load or does not
+match (rewritten, truncated, garbage) is named, removed, and its sequences scored again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dpo_cli import distributed
 from dpo_cli.checkpoints import torch_save_atomically
-from dpo_cli.data.batches import RefTable, Sequence, TokenizedExample, collate
+from dpo_cli.data.batches import RefTable, Sequence, TokenizedExample, collate, sequence_digest
 from dpo_cli.logps import model_token_logps
 
-CACHE_FORMAT = 2  # bump when the scoring or the part format changes meaning (2: a checksum per part)
+CACHE_FORMAT = 3  # bump when the scoring or the part format changes meaning (3: digests, not token ids)
+CHUNK_SEQUENCES = 65536  # sequences looked up and scored at a time: what a run holds in memory at once
 
 
 def unique_sequences(examples: list[TokenizedExample]) -> list[Sequence]:
@@ -50,20 +54,23 @@ def cache_dir_for(cache_root: Path, fingerprint: str, numerics: str) -> Path:
     return Path(cache_root) / key
 
 
-def _checksum(sequences: list, logps: torch.Tensor) -> str:
-    digest = hashlib.sha256(json.dumps(sequences).encode())
+def _checksum(digests: np.ndarray, logps: torch.Tensor) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(digests).tobytes())
     digest.update(logps.to(torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
-def read_cache(directory: Path) -> RefTable:
-    """Every verified entry of the cache `directory`; a damaged part is reported and removed (rank 0), so
+def read_cache(directory: Path, wanted: list[bytes]) -> dict[bytes, float]:
+    """The values of the `wanted` digests that the cache `directory` holds, read from each verified part
+    (memory-mapped: the rest of a part stays on disk). A damaged part is reported and removed (rank 0), so
     that its sequences count as missing and are scored again."""
-    table: RefTable = {}
+    found: dict[bytes, float] = {}
+    keys = np.array(wanted, dtype="S16")
     for part in sorted(directory.glob("part-*.pt")):
         try:
-            entry = torch.load(part, weights_only=True)
-            intact = entry["sha256"] == _checksum(entry["sequences"], entry["logps"])
+            entry = torch.load(part, weights_only=True, mmap=True)
+            digests = entry["digests"].numpy().view("S16").ravel()
+            intact = entry["sha256"] == _checksum(digests, entry["logps"])
         except Exception as err:  # truncated, garbage, another format: all mean "not this cache's part"
             intact, why = False, f"unreadable: {type(err).__name__}"
         else:
@@ -73,13 +80,25 @@ def read_cache(directory: Path) -> RefTable:
             if distributed.is_main():
                 part.unlink(missing_ok=True)
             continue
-        table.update(zip(map(_as_sequence, entry["sequences"]), entry["logps"].tolist(), strict=True))
-    return table
+        if not len(keys) or not len(digests):
+            continue
+        # 16-byte strings of equal length compare as their bytes: the sorted digests are searched.
+        at = np.minimum(np.searchsorted(digests, keys), len(digests) - 1)
+        hit = digests[at] == keys
+        # By position in `wanted`: numpy drops a digest's trailing zero bytes when it hands one back.
+        values = entry["logps"][torch.from_numpy(at[hit])].tolist()
+        found.update(zip((wanted[i] for i in np.flatnonzero(hit)), values, strict=True))
+    return found
 
 
-def _as_sequence(row: list | tuple) -> Sequence:
-    prompt, completion = row
-    return tuple(prompt), tuple(completion)
+def _write_part(directory: Path, digests: list[bytes], logps: torch.Tensor) -> None:
+    order = np.argsort(np.array(digests, dtype="S16"), kind="stable")
+    keys = np.array(digests, dtype="S16")[order]
+    values = logps[torch.from_numpy(order)].contiguous()
+    table = torch.from_numpy(keys.view(np.uint8).reshape(-1, 16).copy())
+    entry = {"digests": table, "logps": values, "sha256": _checksum(keys, values)}
+    name = "part-" + hashlib.sha256(keys.tobytes()).hexdigest()[:16] + ".pt"
+    torch_save_atomically(entry, directory / name)
 
 
 @torch.no_grad()
@@ -119,7 +138,7 @@ def score_sequences(
 
 def precomputed_table(
     load_reference,
-    examples: list[TokenizedExample],
+    examples: Iterable[TokenizedExample],
     *,
     directory: Path,
     pad_token_id: int,
@@ -128,23 +147,50 @@ def precomputed_table(
 ) -> RefTable:
     """log pi_ref of every unique sequence of `examples`: read from the reference's cache `directory`
     (`cache_dir_for`), the missing ones scored with `load_reference()` (called only when some are missing)
-    and added to it. Under DeepSpeed every rank scores (a ZeRO-3 reference needs all of them) and rank 0
-    writes."""
-    sequences = unique_sequences(examples)
-    cached = read_cache(directory)
-    missing = [s for s in sequences if s not in cached]
-    if distributed.all_true(not missing):
-        print(f"reference: all {len(sequences)} sequences' log-probs read from {directory}")
-        return {s: cached[s] for s in sequences}
-    logps = score_sequences(load_reference(), missing, pad_token_id, device, share_prompts=share_prompts)
-    if distributed.is_main():
-        name = "part-" + hashlib.sha256(repr(missing).encode()).hexdigest()[:16] + ".pt"
-        sequences_rows = [list(map(list, s)) for s in missing]
-        entry = {"sequences": sequences_rows, "logps": logps, "sha256": _checksum(sequences_rows, logps)}
-        torch_save_atomically(entry, directory / name)
-    distributed.barrier()
-    print(
-        f"reference: scored {len(missing)} of {len(sequences)} sequences once "
-        f"({len(sequences) - len(missing)} cached); cache: {directory}"
-    )
-    return {s: cached[s] for s in sequences if s in cached} | dict(zip(missing, logps.tolist(), strict=True))
+    and added to it, `CHUNK_SEQUENCES` at a time. Under DeepSpeed every rank scores (a ZeRO-3 reference
+    needs all of them) and rank 0 writes."""
+    table, reference = RefTable(), None
+    total = scored = 0
+    for sequences in _chunks(examples):
+        digests = [sequence_digest(s) for s in sequences]
+        cached = read_cache(directory, digests)
+        missing = [i for i, d in enumerate(digests) if d not in cached]
+        table.by_digest.update(cached)
+        total, scored = total + len(sequences), scored + len(missing)
+        if distributed.all_true(not missing):
+            continue
+        if reference is None:
+            reference = load_reference()
+        logps = score_sequences(
+            reference, [sequences[i] for i in missing], pad_token_id, device, share_prompts=share_prompts
+        )
+        missing_digests = [digests[i] for i in missing]
+        if distributed.is_main() and missing:
+            _write_part(directory, missing_digests, logps)
+        distributed.barrier()
+        table.by_digest.update(zip(missing_digests, logps.tolist(), strict=True))
+    if not scored:
+        print(f"reference: all {total} sequences' log-probs read from {directory}")
+    else:
+        print(
+            f"reference: scored {scored} of {total} sequences once ({total - scored} cached); cache: "
+            f"{directory}"
+        )
+    return table
+
+
+def _chunks(examples: Iterable[TokenizedExample]) -> Iterator[list[Sequence]]:
+    """The unique sequences of `examples`, in order, `CHUNK_SEQUENCES` at a time."""
+    seen: set[bytes] = set()
+    chunk: list[Sequence] = []
+    for example in examples:
+        for completion in example.completion_ids:
+            sequence = (example.prompt_ids, completion)
+            digest = sequence_digest(sequence)
+            if digest not in seen:
+                seen.add(digest)
+                chunk.append(sequence)
+        if len(chunk) >= CHUNK_SEQUENCES:
+            yield chunk
+            chunk = []
+    yield chunk

@@ -10,32 +10,64 @@ micro-batches from the step it starts at); `make_batches` gives the fixed held-o
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from dpo_cli import distributed
-from dpo_cli.config import DataConfig, largest_divisor
-from dpo_cli.data import Example, chat
-from dpo_cli.data.chat import Text
+from dpo_cli.config import largest_divisor
+from dpo_cli.data import Example
+from dpo_cli.data.tokenized import TokenizedExample, TokenizedSet, encode_examples, say_long_prompts
 from dpo_cli.errors import ConfigError
 
 Sequence = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, completion ids): a batch row's key
-RefTable = dict[Sequence, float]  # precomputed reference log-prob of each sequence
 Batch = dict[str, torch.Tensor]  # what collate returns, as the models and losses read it
 
 
-@dataclass(frozen=True)
-class TokenizedExample:
-    prompt_ids: tuple[int, ...]
-    completion_ids: tuple[tuple[int, ...], ...]
-    desirable: bool | None = None
-    """Unpaired examples (KTO): whether the first completion is desirable."""
+def sequence_digest(sequence: Sequence) -> bytes:
+    """16 bytes naming a sequence's token ids exactly (the prompt's length is hashed, so the same ids cut
+    elsewhere differ): what the reference cache keys by, whatever the sequence's length."""
+    prompt, completion = sequence
+    ids = np.asarray([len(prompt), *prompt, *completion], dtype=np.int64)
+    return hashlib.blake2b(ids.tobytes(), digest_size=16).digest()
+
+
+class RefTable(Mapping):
+    """Precomputed reference log-probs: sequence -> log pi_ref(completion | prompt), held by
+    `sequence_digest` (a sequence or its digest looks a value up; two tables are equal when they hold the
+    same values for the same sequences)."""
+
+    def __init__(self, by_digest: dict[bytes, float] | None = None):
+        self.by_digest = by_digest or {}
+
+    @classmethod
+    def of(cls, sequences: Iterable[Sequence], logps: Iterable[float]) -> RefTable:
+        return cls({sequence_digest(s): v for s, v in zip(sequences, logps, strict=True)})
+
+    def __getitem__(self, key: Sequence | bytes) -> float:
+        return self.by_digest[key if isinstance(key, bytes) else sequence_digest(key)]
+
+    def __contains__(self, key: object) -> bool:
+        return (key if isinstance(key, bytes) else sequence_digest(key)) in self.by_digest
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.by_digest)
+
+    def __len__(self) -> int:
+        return len(self.by_digest)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self.by_digest == {k if isinstance(k, bytes) else sequence_digest(k): other[k] for k in other}
 
 
 def tokenize_examples(
@@ -46,37 +78,13 @@ def tokenize_examples(
     max_length_tokens: int,
     name: str = "",
 ) -> list[TokenizedExample]:
-    """Token ids of each example as `chat.encode_prompt` / `chat.encode_completion` give them (text as it
-    is, conversations through the chat template). Prompts keep their last `max_prompt_length_tokens`
-    tokens; completions are cut from the right so that prompt + completion fits `max_length_tokens`, and
-    a cut completion still ends with EOS. `name` (training / held-out) is what the notes call them."""
-    prompts: dict[Text, list[int]] = {}
-    completions: dict[tuple[Text, Text], list[int]] = {}
-    eos = tokenizer.eos_token_id
-    out = []
-    long_prompts: set[Text] = set()
-    for prompt, texts, *label in examples:
-        if prompt not in prompts:
-            prompts[prompt] = chat.encode_prompt(tokenizer, prompt)
-        prompt_ids = prompts[prompt]
-        if len(prompt_ids) > max_prompt_length_tokens:
-            long_prompts.add(prompt)
-            prompt_ids = prompt_ids[-max_prompt_length_tokens:]
-        room = max(max_length_tokens - len(prompt_ids), 1)  # EOS at least
-        completion_ids = []
-        for text in texts:
-            if (prompt, text) not in completions:
-                completions[prompt, text] = chat.encode_completion(tokenizer, prompt, text)
-            ids = completions[prompt, text]
-            completion_ids.append(tuple(ids if len(ids) <= room else [*ids[: room - 1], eos]))
-        out.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids), *label))
-    if long_prompts:
-        print(
-            f"data: {len(long_prompts)} {name + ' ' if name else ''}prompt(s) longer than "
-            f"data.max_prompt_length_tokens={max_prompt_length_tokens} were cut from the left (their ends "
-            "kept)"
-        )
-    return out
+    """`encode_examples`, with a note on the prompts it cut; `name` (training / held-out) is what the note
+    calls them."""
+    budgets = {"max_prompt_length_tokens": max_prompt_length_tokens, "max_length_tokens": max_length_tokens}
+    encoded, cut = encode_examples(examples, tokenizer, **budgets)
+    long_prompts = {ex[0] for ex, c in zip(examples, cut, strict=True) if c}
+    say_long_prompts(len(long_prompts), max_prompt_length_tokens, name)
+    return encoded
 
 
 def collate(
@@ -173,24 +181,6 @@ def shared_prompt_layout(sequences: list[Sequence], pad_token_id: int) -> Batch:
     }
 
 
-def tokenize_splits(
-    splits: tuple[list[Example], list[Example]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
-) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    """Both splits of `example_splits`, tokenized with the data config's length budgets."""
-    chat.use_template(tokenizer, cfg.chat_template)
-    train, held_out = (
-        tokenize_examples(
-            examples,
-            tokenizer,
-            max_prompt_length_tokens=cfg.max_prompt_length_tokens,
-            max_length_tokens=cfg.max_length_tokens,
-            name=name,
-        )
-        for examples, name in zip(splits, ("training", "held-out"), strict=True)
-    )
-    return train, held_out
-
-
 def make_batches(
     examples: list[TokenizedExample],
     batch_size: int,
@@ -207,20 +197,24 @@ def make_batches(
 
 
 def batch_order(
-    examples: list[TokenizedExample], microbatch_size: int, *, seed: int, by_prompt: bool
+    examples: Sequence_[TokenizedExample], microbatch_size: int, *, seed: int, by_prompt: bool
 ) -> Iterator[list[int]]:
     """Endless shuffled micro-batches of example indices, epoch after epoch; the last partial micro-batch
     of an epoch is dropped. The order depends on `seed` alone.
 
     With `by_prompt`, prompts are shuffled and packed whole into micro-batches (`pack_groups`), so the
     pairs of one prompt share a batch and their common completions are scored once (the paper's App. B
-    batching: 4 completions make 6 pairs, 4 sequences instead of 12).
+    batching: 4 completions make 6 pairs, 4 sequences instead of 12). Prompts are told apart by the
+    table's `prompt_key` column, so no example is read to order them.
     """
     generator = torch.Generator().manual_seed(seed)
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, example in enumerate(examples):
-        groups[example.prompt_ids if by_prompt else (i,)].append(i)
-    members = list(groups.values())
+    keys = TokenizedSet.of(examples).prompt_keys() if by_prompt else np.arange(len(examples))
+    # Groups in order of first appearance, each its members in order.
+    _, first, group_of = np.unique(keys, return_index=True, return_inverse=True)
+    rank_of_group = np.argsort(np.argsort(first))
+    order = np.argsort(rank_of_group[group_of], kind="stable")
+    sizes = np.bincount(rank_of_group[group_of], minlength=len(first))
+    members = [m.tolist() for m in np.split(order, np.cumsum(sizes)[:-1])]
     while True:
         yield from pack_groups(
             [members[g] for g in torch.randperm(len(members), generator=generator)], microbatch_size
@@ -288,10 +282,11 @@ def train_batches(
     With `ref_logps` (precomputed reference log-probs), each batch carries its rows' `ref_logps`;
     with `share_prompts`, its shared-prompt layout (`collate`).
     """
+    examples = TokenizedSet.of(examples)
     order = batch_order(examples, microbatch_size, seed=seed, by_prompt=by_prompt)
     for position, ids in enumerate(itertools.islice(order, skip, None)):
         if position % world_size == rank:
-            batch = collate([examples[i] for i in ids], pad_token_id, ref_logps, share_prompts=share_prompts)
+            batch = collate(examples.take(ids), pad_token_id, ref_logps, share_prompts=share_prompts)
             yield batch | {"example_ids": torch.tensor(ids)}
 
 
@@ -305,7 +300,7 @@ class TrainData:
     """The held-out batches, the same at every eval point (every rank runs all of them)."""
     num_steps: int
     """Optimizer steps of the whole run."""
-    examples: list[TokenizedExample]
+    examples: Sequence_[TokenizedExample]
     """The training examples, by the ids batches carry in `example_ids` (to name them in errors)."""
 
     def state_dict(self) -> None:
@@ -344,12 +339,15 @@ def total_steps(t: DictConfig, num_examples: int) -> int:
     return t.max_steps or t.num_epochs * steps_per_epoch
 
 
-def visited_examples(examples: list[TokenizedExample], cfg: DictConfig) -> list[TokenizedExample]:
-    """The training examples a run of `cfg` will see, in its data order (all ranks together)."""
+def visited_examples(examples: Sequence_[TokenizedExample], cfg: DictConfig) -> Iterator[TokenizedExample]:
+    """The training examples a run of `cfg` will see, in its data order (all ranks together), read a
+    micro-batch at a time."""
     t = cfg.trainer
+    examples = TokenizedSet.of(examples)
     microbatches = total_steps(t, len(examples)) * (t.batch_size_examples // t.microbatch_size_examples)
     order = batch_order(examples, t.microbatch_size_examples, seed=cfg.seed, by_prompt=t.batch_by_prompt)
-    return [examples[i] for ids in itertools.islice(order, microbatches) for i in ids]
+    for ids in itertools.islice(order, microbatches):
+        yield from examples.take(ids)
 
 
 def training_data(

@@ -7,7 +7,8 @@ the loss or its metrics read it, then train.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -15,22 +16,22 @@ import torch
 from omegaconf import DictConfig
 
 from dpo_cli import adapters
-from dpo_cli.data import Example, example_splits, pair_view, ranked_view, unpaired_view
+from dpo_cli.data import Example, pair_view, ranked_view, unpaired_view
 from dpo_cli.data.batches import (
     RefTable,
     TokenizedExample,
     fit_batch_to_data,
     make_batches,
-    tokenize_splits,
     training_data,
     visited_examples,
 )
+from dpo_cli.data.tokenized import tokenized_splits
 from dpo_cli.engine import loop, rundir
 from dpo_cli.engine.backends import backend_class
 from dpo_cli.evaluate import make_frontier
 from dpo_cli.logging import RunLogger
 from dpo_cli.losses import LOSSES
-from dpo_cli.models import load_model
+from dpo_cli.models import load_model, load_tokenizer
 from dpo_cli.objective import make_objective
 from dpo_cli.reference import (
     cache_dir_for,
@@ -53,8 +54,11 @@ def data_view(cfg: DictConfig) -> Callable[[list[dict]], list[Example]]:
 def run(cfg: DictConfig, run_dir: Path) -> None:
     spec = LOSSES[cfg.loss.name]
     sft_dir = rundir.find_sft_checkpoint(cfg)
-    *splits, eval_records = example_splits(cfg.data, data_view(cfg))
-    fit_batch_to_data(cfg, len(splits[0]))
+    # Before the weights load: bad data fails fast, and cached data skips the records.
+    train, held_out, eval_records = tokenized_splits(
+        cfg.data, data_view(cfg), load_tokenizer(cfg.model, checkpoint=sft_dir)
+    )
+    fit_batch_to_data(cfg, len(train))
     run = rundir.prepare(cfg, run_dir)
     origin = rundir.provenance(cfg, policy_init=sft_dir, reference=sft_dir)
     trained = origin["reference"]["trained_on"]
@@ -68,7 +72,6 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     policy.to(run.device)
     if adapters.wanted(cfg):
         policy = adapters.wrap(policy, cfg)
-    train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"dpo: {len(train)} training and {len(held_out)} held-out examples (loss={cfg.loss.name})")
     Backend = backend_class(cfg)
 
@@ -127,8 +130,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
 def _reference_table(
     cfg: DictConfig,
     reference: Callable[[], torch.nn.Module],
-    train: list[TokenizedExample],
-    held_out: list[TokenizedExample],
+    train: Sequence[TokenizedExample],
+    held_out: Sequence[TokenizedExample],
     pad_token_id: int,
     device: torch.device,
     cache: Path | None,
@@ -140,7 +143,7 @@ def _reference_table(
     if cfg.ref.precompute:
         return precomputed_table(
             reference,
-            visited_examples(train, cfg) + held_out,
+            itertools.chain(visited_examples(train, cfg), held_out),
             directory=cache,
             pad_token_id=pad_token_id,
             device=device,
@@ -148,4 +151,4 @@ def _reference_table(
         )
     sequences = unique_sequences(held_out)
     logps = score_sequences(reference(), sequences, pad_token_id, device, share_prompts=share)
-    return dict(zip(sequences, logps.tolist(), strict=True))
+    return RefTable.of(sequences, logps.tolist())

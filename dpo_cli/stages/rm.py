@@ -15,14 +15,15 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from dpo_cli.data import example_splits, pair_view
-from dpo_cli.data.batches import Batch, fit_batch_to_data, make_batches, tokenize_splits, training_data
+from dpo_cli.data import pair_view
+from dpo_cli.data.batches import Batch, fit_batch_to_data, make_batches, training_data
+from dpo_cli.data.tokenized import tokenized_splits
 from dpo_cli.engine import loop, rundir
 from dpo_cli.engine.backends import backend_class
 from dpo_cli.errors import ConfigError
 from dpo_cli.logging import RunLogger
 from dpo_cli.losses.rlhf import bradley_terry_loss
-from dpo_cli.models import DTYPES
+from dpo_cli.models import DTYPES, load_tokenizer
 from dpo_cli.rewards import sequence_scores
 
 
@@ -60,13 +61,13 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
             f"dpo-run rm trains the whole model: peft={cfg.peft.name} is not supported, use peft=none"
         )
     sft_dir = rundir.find_sft_checkpoint(cfg)
-    *splits, _ = example_splits(cfg.data, partial(pair_view, min_reward_gap=cfg.data.min_reward_gap))
-    fit_batch_to_data(cfg, len(splits[0]))
+    view = partial(pair_view, min_reward_gap=cfg.data.min_reward_gap)
+    train, held_out, _ = tokenized_splits(cfg.data, view, load_tokenizer(cfg.model, checkpoint=sft_dir))
+    fit_batch_to_data(cfg, len(train))
     run = rundir.prepare(cfg, run_dir)
     print(f"rm: reward model init = {sft_dir} with a scalar head")
     model, tokenizer = load_reward_model(cfg, sft_dir)
     model.to(run.device)
-    train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"rm: {len(train)} training and {len(held_out)} held-out pairs")
     pad, micro = tokenizer.pad_token_id, cfg.trainer.microbatch_size_examples
     eval_batches = make_batches(held_out, micro, pad)

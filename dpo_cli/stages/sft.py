@@ -8,19 +8,21 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dpo_cli import adapters
-from dpo_cli.data import example_splits, sft_view
-from dpo_cli.data.batches import fit_batch_to_data, make_batches, tokenize_splits, training_data
+from dpo_cli.data import sft_view
+from dpo_cli.data.batches import fit_batch_to_data, make_batches, training_data
+from dpo_cli.data.tokenized import tokenized_splits
 from dpo_cli.engine import loop, rundir
 from dpo_cli.engine.backends import backend_class
 from dpo_cli.evaluate import make_frontier
 from dpo_cli.logging import RunLogger
-from dpo_cli.models import load_model
+from dpo_cli.models import load_model, load_tokenizer
 from dpo_cli.objective import make_objective
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
-    *splits, eval_records = example_splits(cfg.data, sft_view)
-    fit_batch_to_data(cfg, len(splits[0]))
+    # Before the weights load: bad data fails fast, and cached data skips the records.
+    train, held_out, eval_records = tokenized_splits(cfg.data, sft_view, load_tokenizer(cfg.model))
+    fit_batch_to_data(cfg, len(train))
     run = rundir.prepare(cfg, run_dir)
     model, tokenizer = load_model(cfg.model, seed=cfg.seed, quantization=adapters.quantization(cfg))
     Backend = backend_class(cfg)
@@ -35,7 +37,6 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
             Backend.frozen(cfg, copy.deepcopy(model), run.device) if cfg.eval.num_prompts else None
         )
 
-    train, held_out = tokenize_splits(splits, tokenizer, cfg.data)
     print(f"sft: {len(train)} training and {len(held_out)} held-out sequences")
     eval_batches = make_batches(held_out, cfg.trainer.microbatch_size_examples, tokenizer.pad_token_id)
     data = training_data(cfg, train, eval_batches, tokenizer.pad_token_id, start_step=run.start_step)
