@@ -139,11 +139,14 @@ def sentiment_subset(pairs: int) -> list[dict]:
 
 def our_order(cfg, tokenizer, steps: int | None, by_prompt: bool, batch: int) -> list[dict]:
     """The pairs our product's optimizer steps see, in order, as token ids: what TRL is given."""
-    from dpo_cli.data import example_splits, pair_view
-    from dpo_cli.data.batches import tokenize_splits, train_batches
+    from functools import partial
 
-    splits = example_splits(cfg.data, lambda r: pair_view(r, min_reward_gap=cfg.data.min_reward_gap))[:2]
-    train, _ = tokenize_splits(splits, tokenizer, cfg.data)
+    from dpo_cli.data import pair_view
+    from dpo_cli.data.batches import train_batches
+    from dpo_cli.data.tokenized import tokenized_splits
+
+    view = partial(pair_view, min_reward_gap=cfg.data.min_reward_gap)
+    train, _, _ = tokenized_splits(cfg.data, view, tokenizer)
     batches = train_batches(train, batch, tokenizer.pad_token_id, seed=cfg.seed, by_prompt=by_prompt)
     ids = [i for _ in range(steps or len(train) // batch) for i in next(batches)["example_ids"].tolist()]
     return [

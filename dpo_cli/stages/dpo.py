@@ -55,9 +55,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     spec = LOSSES[cfg.loss.name]
     sft_dir = rundir.find_sft_checkpoint(cfg)
     # Before the weights load: bad data fails fast, and cached data skips the records.
-    train, held_out, eval_records = tokenized_splits(
-        cfg.data, data_view(cfg), load_tokenizer(cfg.model, checkpoint=sft_dir)
-    )
+    tokenizer = load_tokenizer(cfg.model, checkpoint=sft_dir)
+    train, held_out, eval_records = tokenized_splits(cfg.data, data_view(cfg), tokenizer)
     fit_batch_to_data(cfg, len(train))
     run = rundir.prepare(cfg, run_dir)
     origin = rundir.provenance(cfg, policy_init=sft_dir, reference=sft_dir)
@@ -66,7 +65,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         f"dpo: policy init and reference = {sft_dir} (sha256 {origin['reference']['fingerprint'][:12]}"
         + (f", trained on data {rundir.describe_data(trained['data'])})" if trained else ")")
     )
-    policy, tokenizer = load_model(
+    policy, _ = load_model(
         cfg.model, seed=cfg.seed, checkpoint=sft_dir, quantization=adapters.quantization(cfg)
     )
     policy.to(run.device)

@@ -21,10 +21,11 @@ from dpo_cli.objective import make_objective
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
     # Before the weights load: bad data fails fast, and cached data skips the records.
-    train, held_out, eval_records = tokenized_splits(cfg.data, sft_view, load_tokenizer(cfg.model))
+    tokenizer = load_tokenizer(cfg.model)
+    train, held_out, eval_records = tokenized_splits(cfg.data, sft_view, tokenizer)
     fit_batch_to_data(cfg, len(train))
     run = rundir.prepare(cfg, run_dir)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed, quantization=adapters.quantization(cfg))
+    model, _ = load_model(cfg.model, seed=cfg.seed, quantization=adapters.quantization(cfg))
     Backend = backend_class(cfg)
     # The frontier's KL is measured against the model SFT starts from, kept frozen: under a LoRA adapter
     # that is the model itself with the adapter off; otherwise a copy.
