@@ -368,7 +368,7 @@ def _log_to_wandb(config: DictConfig, rows: list[dict], png_path: Path, sweep_di
         group=group,
         job_type="frontier",
         name=f"{group}/frontier",
-        tags=["frontier", f"sweep:{sweep_dir.name}"],
+        tags=["frontier", f"sweep:{sweep_dir.name}"[:64]],  # wandb refuses longer tags
         dir=str(config.output_root) if "output_root" in config else str(sweep_dir),
         mode=wandb_mode(config.logger.mode),
     )

@@ -201,6 +201,16 @@ def test_callback_logs_to_wandb_offline(sweeps, monkeypatch):
     assert list((dpo_sweep / "wandb").glob("offline-run-*")), "no offline wandb run under the sweep dir"
 
 
+def test_callback_logs_a_sweep_with_a_long_dir_name_to_wandb(sweeps, monkeypatch):
+    """A sweep dir named by its overrides ran past wandb's 64-character tag limit: nothing was logged."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    long_dir = sweeps[0].with_name("multirun-loss-unlikelihood_loss.alpha-0.05,0.1,0.5,1_" + "x" * 20)
+    sweeps[0].rename(long_dir)
+    FrontierCallback().on_multirun_end(config=OmegaConf.create(callback_config(long_dir, "wandb")))
+    assert list((long_dir / "wandb").glob("offline-run-*")), "no offline wandb run under the sweep dir"
+
+
 def test_callback_in_a_real_hydra_multirun(tmp_path, monkeypatch, capsys):
     """Hydra resolves `${now:...}` in the callback to the same sweep dir the jobs were written to."""
     conf = tmp_path / "conf"

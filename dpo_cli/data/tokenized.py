@@ -169,40 +169,44 @@ def _tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, cfg: dict) 
     return {name: [row[name] for row in rows] for name in FEATURES}
 
 
-def tokenize_to_table(
-    examples: list[Example],
-    tokenizer: PreTrainedTokenizerBase,
-    cfg: DataConfig,
-    path: Path,
-    *,
-    name: str,
-) -> TokenizedSet:
-    """`examples` tokenized by `datasets.map` into the Arrow file(s) `path` (one per process)."""
+def text_table(examples: list[Example]) -> datasets.Dataset:
+    """The examples as an Arrow table of JSON texts (text or conversation alike), built a chunk at a time
+    so that no second copy of every example's text is held as Python strings."""
     unpaired = bool(examples) and len(examples[0]) == 3
-    text = datasets.Dataset.from_dict(
-        {
-            "prompt": [json.dumps(chat.jsonable(ex[0])) for ex in examples],
-            "completions": [[json.dumps(chat.jsonable(c)) for c in ex[1]] for ex in examples],
-            "desirable": [bool(ex[2]) if unpaired else False for ex in examples],
-        }
-    )
+    chunks = [
+        datasets.Dataset.from_dict(
+            {
+                "prompt": [json.dumps(chat.jsonable(ex[0])) for ex in chunk],
+                "completions": [[json.dumps(chat.jsonable(c)) for c in ex[1]] for ex in chunk],
+                "desirable": [bool(ex[2]) if unpaired else False for ex in chunk],
+            }
+        )
+        for chunk in (examples[i : i + 10_000] for i in range(0, max(len(examples), 1), 10_000))
+    ]
+    return datasets.concatenate_datasets(chunks)
+
+
+def tokenize_table(
+    text: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, path: Path, *, name: str
+) -> datasets.Dataset:
+    """`text_table`'s examples tokenized by `datasets.map` into the Arrow file(s) `path` (one a process)."""
     budgets = {
         "max_prompt_length_tokens": cfg.max_prompt_length_tokens,
         "max_length_tokens": cfg.max_length_tokens,
     }
-    num_proc = min(cfg.num_proc, max(1, len(examples) // 1000)) if cfg.num_proc > 1 else None
-    table = text.map(
+    # A process per thousand examples at most: starting one costs more than tokenizing a few.
+    num_proc = min(cfg.num_proc, max(1, len(text) // 1000))
+    return text.map(
         _tokenize_batch,
         batched=True,
         fn_kwargs={"tokenizer": tokenizer, "cfg": budgets},
         remove_columns=text.column_names,
         features=FEATURES,
-        num_proc=num_proc,
+        num_proc=num_proc if num_proc > 1 else None,
         cache_file_name=str(path),
         new_fingerprint=path.parent.name + name,
         desc=f"tokenizing {name} examples",
     )
-    return TokenizedSet(table, unpaired)
 
 
 def data_fingerprint(cfg: DataConfig, view_name: str, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -239,22 +243,18 @@ def tokenized_splits(
     chat.use_template(tokenizer, cfg.chat_template)
     view_name = getattr(view, "func", view).__name__
     directory = Path(cfg.cache_dir) / data_fingerprint(cfg, view_name, tokenizer)
-    if not (directory / "meta.json").is_file():
+    cached = (directory / "meta.json").is_file()
+    if not cached:
         _build(cfg, view, tokenizer, directory)
     meta = json.loads((directory / "meta.json").read_text())
-    splits = [
-        TokenizedSet(
-            datasets.concatenate_datasets(
-                [datasets.Dataset.from_file(str(directory / f)) for f in meta[split]["files"]]
-            ),
-            meta["unpaired"],
-        )
-        for split in ("training", "held-out")
-    ]
+    splits = []
     for split in ("training", "held-out"):
+        files = [datasets.Dataset.from_file(str(directory / f)) for f in meta[split]["files"]]
+        splits.append(TokenizedSet(datasets.concatenate_datasets(files), meta["unpaired"]))
         say_long_prompts(meta[split]["long_prompts"], cfg.max_prompt_length_tokens, split)
-    records = [_record_from_json(json.loads(line)) for line in (directory / "held_out_records.jsonl").open()]
-    if meta["built_by"] != os.getpid():
+    with (directory / "held_out_records.jsonl").open() as f:
+        records = [_record_from_json(json.loads(line)) for line in f]
+    if cached:
         print(f"data: tokenized examples read from {directory} (no records read)")
     return splits[0], splits[1], records
 
@@ -262,19 +262,21 @@ def tokenized_splits(
 def _build(cfg: DataConfig, view, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     """Read, view and tokenize the records into `directory`, written under a temporary name first."""
     train, held_out, records = example_splits(cfg, view)
+    meta: dict = {"unpaired": len(train[0]) == 3}
+    texts = {"training": text_table(train), "held-out": text_table(held_out)}
+    del train, held_out  # the tables hold the texts now
     partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    meta: dict = {"unpaired": bool(train) and len(train[0]) == 3, "built_by": os.getpid()}
-    for split, examples in (("training", train), ("held-out", held_out)):
-        table = tokenize_to_table(examples, tokenizer, cfg, partial / f"{split}.arrow", name=split)
-        cut = np.asarray(table.table.data.table.column("prompt_cut").to_numpy(zero_copy_only=False))
+    for split, text in texts.items():
+        table = tokenize_table(text, tokenizer, cfg, partial / f"{split}.arrow", name=split)
+        columns = table.data.table
+        cut = columns.column("prompt_cut").to_numpy(zero_copy_only=False)
         meta[split] = {
-            "files": [Path(f["filename"]).name for f in table.table.cache_files],
+            "files": [Path(f["filename"]).name for f in table.cache_files],
             "num_examples": len(table),
-            "long_prompts": len(np.unique(table.prompt_keys()[cut])),
+            "long_prompts": len(np.unique(columns.column("prompt_key").to_numpy()[cut])),
         }
-        del table
     with (partial / "held_out_records.jsonl").open("w") as f:
         f.writelines(json.dumps(_record_to_json(r)) + "\n" for r in records)
     (partial / "meta.json").write_text(json.dumps(meta))
