@@ -93,11 +93,17 @@ def _package_dir(package: str) -> str:
 
 
 def load_model(
-    cfg: ModelConfig, *, seed: int, checkpoint: str | Path | None = None, quantization=None
+    cfg: ModelConfig,
+    *,
+    seed: int,
+    checkpoint: str | Path | None = None,
+    quantization=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and tokenizer of `checkpoint` (an HF dir written by a stage) or else of the preset;
     `quantization`: a transformers quantization config (peft=qlora's 4-bit base), for safetensors
-    checkpoints and hub models."""
+    checkpoints and hub models; `tokenizer`: the one `load_tokenizer` already gave (not read again: a
+    GGUF file's takes seconds)."""
     dtype = DTYPES.get(cfg.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
@@ -113,7 +119,7 @@ def load_model(
             "read from GGUF: start from a checkpoint dir instead (`dpo-run sft` writes one) or use peft=lora"
         )
     elif cfg.name == "tiny":
-        tokenizer = tiny_tokenizer()
+        tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
         return without_dropout(_tiny_model(cfg, tokenizer, seed).to(dtype)), tokenizer
     elif cfg.python_package:
         source, kwargs = _package_dir(cfg.python_package), {"gguf_file": cfg.gguf_file}
@@ -122,7 +128,8 @@ def load_model(
     if checkpoint is None and Path(source).is_dir():
         check_weights(Path(source), "model.name_or_path")
     try:
-        tokenizer = _hub_tokenizer(source, kwargs)
+        if tokenizer is None:
+            tokenizer = _hub_tokenizer(source, kwargs)
         if quantization is not None:
             kwargs |= {"quantization_config": quantization, "device_map": resolve_device("auto").type}
         if cfg.attn_implementation:

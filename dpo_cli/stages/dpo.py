@@ -65,8 +65,9 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         f"dpo: policy init and reference = {sft_dir} (sha256 {origin['reference']['fingerprint'][:12]}"
         + (f", trained on data {rundir.describe_data(trained['data'])})" if trained else ")")
     )
+    quantization = adapters.quantization(cfg)
     policy, _ = load_model(
-        cfg.model, seed=cfg.seed, checkpoint=sft_dir, quantization=adapters.quantization(cfg)
+        cfg.model, seed=cfg.seed, checkpoint=sft_dir, quantization=quantization, tokenizer=tokenizer
     )
     policy.to(run.device)
     if adapters.wanted(cfg):

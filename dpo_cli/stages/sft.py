@@ -25,7 +25,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     train, held_out, eval_records = tokenized_splits(cfg.data, sft_view, tokenizer)
     fit_batch_to_data(cfg, len(train))
     run = rundir.prepare(cfg, run_dir)
-    model, _ = load_model(cfg.model, seed=cfg.seed, quantization=adapters.quantization(cfg))
+    quantization = adapters.quantization(cfg)
+    model, _ = load_model(cfg.model, seed=cfg.seed, quantization=quantization, tokenizer=tokenizer)
     Backend = backend_class(cfg)
     # The frontier's KL is measured against the model SFT starts from, kept frozen: under a LoRA adapter
     # that is the model itself with the adapter off; otherwise a copy.
