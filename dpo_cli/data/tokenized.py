@@ -123,7 +123,9 @@ class TokenizedSet(Sequence):
 
     def take(self, ids) -> list[TokenizedExample]:
         """The examples at `ids`, read from the table in one go."""
-        rows = self.table.data.table.take(list(ids)).to_pydict()
+        # datasets gathers from each memory-mapped chunk; pyarrow's `take` would join the chunks first,
+        # reading the whole column into memory.
+        rows = self.table[list(ids)]
         desirable = rows["desirable"] if self.unpaired else [None] * len(rows["prompt_ids"])
         return [
             TokenizedExample(tuple(p), tuple(map(tuple, c)), d)
@@ -220,8 +222,20 @@ def data_fingerprint(cfg: DataConfig, view_name: str, tokenizer: PreTrainedToken
         with path.open("rb") as f:
             while block := f.read(1 << 24):
                 digest.update(block)
-    digest.update(Hasher.hash(tokenizer).encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What makes a tokenizer's ids: a fast tokenizer's whole definition (vocabulary, merges, normalizer,
+    special-token template), its special tokens and chat template; another tokenizer as `datasets` hashes it
+    (which also sees state that differs between equal tokenizers, so it may miss the cache)."""
+    if not tokenizer.is_fast:
+        return Hasher.hash(tokenizer)
+    parts = [type(tokenizer).__name__, tokenizer.backend_tokenizer.to_str(), str(tokenizer.chat_template)]
+    parts += [json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)]
+    parts += [str(getattr(tokenizer, name, None)) for name in ("add_bos_token", "add_eos_token")]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def _source_files(cfg: DataConfig) -> list[Path]:
