@@ -7,7 +7,7 @@
 # prompts, and every eval point scores with the true reward.
 # Ends with one frontier figure of all methods and a results table (outputs/<exp>/results.md).
 #
-#   bash scripts/reproduce_frontier.sh                                   # the embedded task (~50 min, 2 cores)
+#   bash scripts/reproduce_frontier.sh                                   # the embedded task (~70 min, 2 cores)
 #   bash scripts/reproduce_frontier.sh model=tiny trainer.max_steps=2    # smoke run: wiring only
 #   bash scripts/reproduce_frontier.sh experiment=imdb_frontier_paper data=jsonl data.path=RECORDS
 #                                            # the paper's setup, on GPUs (see its preset for the RECORDS)
