@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -107,27 +108,20 @@ def load_model(
     dtype = DTYPES.get(cfg.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
-    if checkpoint is not None:
-        if not (Path(checkpoint) / "config.json").is_file():
-            raise ConfigError(
-                f"{checkpoint}: not a model checkpoint (no config.json); point at a `final/` dir"
-            )
-        source, kwargs = str(checkpoint), {}
-    elif quantization is not None and (cfg.name == "tiny" or cfg.python_package or cfg.gguf_file):
+    if (
+        checkpoint is None
+        and quantization is not None
+        and (cfg.name == "tiny" or cfg.python_package or cfg.gguf_file)
+    ):
         raise ConfigError(
             f"peft=qlora quantises a safetensors model as it loads; model={cfg.name} is built in memory or "
             "read from GGUF: start from a checkpoint dir instead (`dpo-run sft` writes one) or use peft=lora"
         )
-    elif cfg.name == "tiny":
+    if checkpoint is None and cfg.name == "tiny":
         tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
         return without_dropout(_tiny_model(cfg, tokenizer, seed).to(dtype)), tokenizer
-    elif cfg.python_package:
-        source, kwargs = _package_dir(cfg.python_package), {"gguf_file": cfg.gguf_file}
-    else:
-        source, kwargs = cfg.name_or_path, {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    if checkpoint is None and Path(source).is_dir():
-        check_weights(Path(source), "model.name_or_path")
-    try:
+    source, kwargs = _source(cfg, checkpoint)
+    with _loading(source):
         if tokenizer is None:
             tokenizer = _hub_tokenizer(source, kwargs)
         if quantization is not None:
@@ -135,13 +129,6 @@ def load_model(
         if cfg.attn_implementation:
             kwargs |= {"attn_implementation": cfg.attn_implementation}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1: the hub is not reachable)" if offline else ""
-        raise ConfigError(
-            f"model {source!r} could not be loaded{hint}: {str(err).splitlines()[0]}; "
-            "set model.name_or_path=/path/to/a/local/model/dir"
-        ) from err
     if kwargs.get("gguf_file"):
         # transformers dequantises GGUF weights into plain tensors but keeps the GGUF "quantizer", which
         # refuses save_pretrained; dropping it lets the SFT checkpoint be a normal safetensors model.
@@ -152,18 +139,44 @@ def load_model(
 
 
 def load_tokenizer(cfg: ModelConfig, *, checkpoint: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer `load_model` would return, without loading the weights (`dpo-run preview`)."""
-    if checkpoint is not None:
-        return _hub_tokenizer(str(checkpoint), {})
-    if cfg.name == "tiny":
+    """The tokenizer `load_model` would return, without loading the weights (the stages read their data
+    before the weights; `dpo-run preview` reads no weights)."""
+    if checkpoint is None and cfg.name == "tiny":
         return tiny_tokenizer()
+    source, kwargs = _source(cfg, checkpoint)
+    with _loading(source):
+        return _hub_tokenizer(source, kwargs)
+
+
+def _source(cfg: ModelConfig, checkpoint: str | Path | None) -> tuple[str, dict]:
+    """Where a model's files are (a checkpoint dir, a package's GGUF, a hub id or local dir) and the
+    `from_pretrained` arguments that read them; checked here, so the tokenizer and the weights fail alike."""
+    if checkpoint is not None:
+        if not (Path(checkpoint) / "config.json").is_file():
+            raise ConfigError(
+                f"{checkpoint}: not a model checkpoint (no config.json); point at a `final/` dir"
+            )
+        return str(checkpoint), {}
     if cfg.python_package:
-        return _hub_tokenizer(_package_dir(cfg.python_package), {"gguf_file": cfg.gguf_file})
+        source, kwargs = _package_dir(cfg.python_package), {"gguf_file": cfg.gguf_file}
+    else:
+        source, kwargs = cfg.name_or_path, {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    if Path(source).is_dir():
+        check_weights(Path(source), "model.name_or_path")
+    return source, kwargs
+
+
+@contextmanager
+def _loading(source: str):
+    """A model or tokenizer that cannot be read is a one-line error naming the key to set."""
     try:
-        return _hub_tokenizer(cfg.name_or_path, {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {})
+        yield
     except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: the hub is not reachable)" if offline else ""
         raise ConfigError(
-            f"the tokenizer of {cfg.name_or_path!r} could not be loaded: {str(err).splitlines()[0]}"
+            f"model {source!r} could not be loaded{hint}: {str(err).splitlines()[0]}; "
+            "set model.name_or_path=/path/to/a/local/model/dir"
         ) from err
 
 

@@ -8,6 +8,7 @@ VADER scores "Film 3 was :)" 0.46 and "Film 3 was :(" -0.44, so an RL stage that
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from dpo_cli.cli import main
@@ -131,6 +133,28 @@ def test_ppo_resumed_mid_rollout_ends_bit_identical(sft_run, monkeypatch):
         ]
 
     assert lines("halves") == lines("straight")
+
+
+def test_a_ppo_beta_sweep_traces_its_frontier(sft_run):
+    """`dpo-run -m ppo beta=...` after `dpo-run sft`: one run a beta, and the sweep's frontier.csv has each
+    run's eval points under its label, step 0 at the reference."""
+    root, records = sft_run
+    settings = [arg for arg in PPO if not arg.startswith("beta=")]
+    main(["-m", "ppo", *common(root, records), *settings, "beta=0.05,1", "trainer.max_steps=8",
+          "run_name=sweep_${beta}"])  # fmt: skip
+    [sweep] = [p for p in (root / "default" / "ppo").glob("multirun-*") if (p / "sweep_0.05").is_dir()]
+    betas = [OmegaConf.load(sweep / job / "config.yaml").beta for job in ("sweep_0.05", "sweep_1.0")]
+    assert betas == [0.05, 1.0]
+    rows = list(csv.DictReader((sweep / "frontier.csv").open()))
+    assert sorted((r["label"], int(r["step"])) for r in rows) == [
+        ("ppo beta=0.05", 0),
+        ("ppo beta=0.05", 8),
+        ("ppo beta=1", 0),
+        ("ppo beta=1", 8),
+    ]
+    assert all(float(r["kl"]) == 0.0 for r in rows if r["step"] == "0")
+    assert all(float(r["kl"]) > 0.0 for r in rows if r["step"] == "8")  # the policies moved
+    assert (sweep / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rloo_trains_without_a_value_head(sft_run):
